@@ -1,0 +1,66 @@
+"""The `illada` command: one table of subcommands, each a thin module in `illada.commands`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# subcommand -> (module in illada.commands, one-line help). Modules are imported lazily so `illada --help` is fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("info", "architecture, parameter counts and special tokens of a checkpoint or preset"),
+    "generate": ("generate", "sample text from a model (fixed canvas, variable length, parallel decoding)"),
+    "convert": ("convert", "convert a LLaDA-layout checkpoint into the iLLaDA layout"),
+    "tokenizer": ("tokenizer", "train a byte-level BPE tokenizer with illada's special tokens"),
+    "prepare": ("prepare", "tokenise text / chat corpora into packed training shards"),
+    "train": ("train", "pre-train a masked diffusion (or autoregressive) model"),
+    "sft": ("sft", "supervised fine-tuning"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    """Commands whose module is present in this install."""
+    return {name: spec for name, spec in COMMANDS.items()
+            if importlib.util.find_spec(f"illada.commands.{spec[0]}") is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="illada", description="Masked diffusion language models: iLLaDA / LLaDA.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in _available().items():
+        module = importlib.import_module(f"illada.commands.{module_name}")
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (2 for user mistakes, with a one-line message and no traceback)."""
+    from illada.errors import IlladaError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ILLADA_DEBUG") == "1"
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed its one-line usage error
+        return int(exit_.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except IlladaError as error:
+        if debug:
+            raise
+        print(f"illada: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("illada: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
