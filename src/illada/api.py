@@ -46,6 +46,63 @@ class DiffusionLM:
             raise IlladaError(f"model {self.name}: no mask token id in config.json or the tokenizer; pass mask_token_id=")
         return mask_id
 
+    def _sampling_options(self, options: dict) -> dict:
+        tok = self.tokenizer
+        options = _sampling_defaults(options, self.config)
+        options.setdefault("mask_id", self.mask_token_id)
+        options.setdefault("eos_token_id", tok.eos_token_id if tok.eos_token_id is not None else self.config.eos_token_id)
+        options.setdefault("eot_token_id", tok.eot_token_id)
+        return options
+
+    def encode_prompts(self, prompts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded (ids, attention_mask) for a batch of prompts (rendered with the chat template if `chat`)."""
+        from illada.sampling import left_pad
+
+        if chat:
+            prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        encoded = [self.tokenizer.encode(p) for p in prompts]
+        longest = max(len(e) for e in encoded)
+        if longest >= self.config.max_seq_len:
+            raise IlladaError(f"prompt of {longest} tokens does not fit the context of {self.config.max_seq_len}")
+        pad = self.tokenizer.pad_token_id
+        ids, mask = left_pad(encoded, pad if pad is not None else self.mask_token_id)
+        return ids.to(self.device), mask.to(self.device)
+
+    def generate(self, prompts: str | list[str], *, chat: bool = False, return_output: bool = False, **options):
+        """Continue each prompt; returns the generated text (a str for a str prompt, else a list).
+
+        Options are `illada.sampling.SamplingConfig` fields (max_new_tokens, steps, block_length, remasking,
+        temperature, cfg_scale, variable_length, threshold, factor, cache, stop_strings, ...). With
+        `return_output=True` returns (texts, GenerationOutput) instead.
+        """
+        from illada.sampling import generate
+
+        single = isinstance(prompts, str)
+        batch = [prompts] if single else list(prompts)
+        ids, mask = self.encode_prompts(batch, chat=chat)
+        options = self._sampling_options(options)
+        room = self.config.max_seq_len - ids.shape[1]
+        if options["gen_length"] > room and not options["variable_length"]:
+            raise IlladaError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({options['gen_length']}) exceed "
+                              f"the context of {self.config.max_seq_len}")
+        with torch.inference_mode():
+            output = generate(self.model, ids, attention_mask=mask, decode=self.tokenizer.decode, **options)
+        texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in output.generated_tokens()]
+        result = texts[0] if single else texts
+        return (result, output) if return_output else result
+
+    def chat(self, messages: list[dict], **options) -> str:
+        """The assistant's reply to a conversation (list of {"role", "content"}), via the checkpoint's template."""
+        from illada.sampling import generate
+
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
+        if ids.shape[1] >= self.config.max_seq_len:
+            raise IlladaError(f"conversation of {ids.shape[1]} tokens does not fit the context of {self.config.max_seq_len}")
+        with torch.inference_mode():
+            output = generate(self.model, ids, decode=self.tokenizer.decode, **self._sampling_options(options))
+        return self.tokenizer.decode(output.generated_tokens()[0], skip_special_tokens=True).strip()
+
 
 def _random_stand_in(device: torch.device, dtype: torch.dtype | None) -> DiffusionLM:
     from illada.tokenizer import byte_level_tokenizer
@@ -62,12 +119,15 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
          dtype: str | torch.dtype | None = None, mask_token_id: int | None = None) -> DiffusionLM:
     """Load a checkpoint directory (iLLaDA or LLaDA layout) or a bundled model by name (default: the demo model).
 
-    device: 'cpu', 'cuda', 'cuda:1' or None/'auto'. dtype: 'bf16'/'fp16'/'fp32' or None (the checkpoint's own).
+    device: 'cpu', 'cuda', 'cuda:1' or None/'auto'. dtype: 'bf16'/'fp16'/'fp32', or None: the checkpoint's own
+    dtype on GPU and float32 on CPU (CPU bf16 matmuls are slow and lose precision).
     """
     from illada.checkpoint import load_checkpoint
 
     name = str(path_or_name) if path_or_name is not None else DEFAULT_MODEL
     device_, dtype_ = resolve_device(device), resolve_dtype(dtype)
+    if dtype_ is None and device_.type == "cpu":
+        dtype_ = torch.float32
     bundled = bundled_models()
     if name in bundled and not Path(name).exists():
         path = bundled[name]
@@ -85,3 +145,17 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
     if mask_token_id is not None:
         config = config.replace(mask_token_id=mask_token_id)
     return DiffusionLM(model=model.eval(), tokenizer=tokenizer, config=config, name=name)
+
+
+def _sampling_defaults(options: dict, config: ModelConfig) -> dict:
+    """Per-mode defaults: variable-length with one token per pass in 32-token blocks (iLLaDA), or for a fixed
+    canvas `steps = max_new_tokens` (LLaDA's best-quality setting)."""
+    options = dict(options)
+    if "max_new_tokens" in options:
+        options["gen_length"] = options.pop("max_new_tokens")
+    options.setdefault("gen_length", 128)
+    options.setdefault("variable_length", True)
+    options.setdefault("block_length", min(32, options["gen_length"]))
+    if options.get("steps") is None:
+        options["steps"] = options["block_length"] if options["variable_length"] else options["gen_length"]
+    return options

@@ -98,7 +98,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def preset(name: str, **overrides) -> ModelConfig:
+def preset(name: str, /, **overrides) -> ModelConfig:
     """A copy of a named preset, with optional field overrides."""
     if name not in PRESETS:
         raise IlladaError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")

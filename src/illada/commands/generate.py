@@ -1,0 +1,130 @@
+"""`illada generate [PROMPT ...]`: sample from a model, optionally watching the canvas resolve (`--show`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from illada.errors import IlladaError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint directory or bundled model name (default: the demo model)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32 on CPU, checkpoint dtype on GPU)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="generation budget (fixed canvas: its length)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (fixed: total, default max-new-tokens; variable: per block, default block length)")
+    g.add_argument("--block-length", type=int, default=32)
+    g.add_argument("--variable-length", dest="variable_length", action="store_true", default=True,
+                   help="iLLaDA: append blocks until EOS or a stop string (default)")
+    g.add_argument("--fixed-length", dest="variable_length", action="store_false",
+                   help="LLaDA: one canvas of max-new-tokens masks")
+    g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "margin", "entropy"])
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised classifier-free guidance weight")
+    g.add_argument("--threshold", type=float, default=None, help="parallel decoding: commit all tokens above this confidence")
+    g.add_argument("--factor", type=float, default=None, help="parallel decoding: factor rule")
+    g.add_argument("--cache", default="none", choices=["none", "prefix", "dual"], help="approximate KV cache")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--forbid-eos", action="store_true", help="never generate EOS")
+    g.add_argument("--eos-confidence", default="normal", choices=["normal", "neg_inf"],
+                   help="neg_inf: commit EOS/EOT candidates last")
+    g.add_argument("--end-think-boost", type=float, default=0.0, help="boost for </think> (e.g. 100), §5.3")
+    g.add_argument("--end-think-power", type=float, default=3.0)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def sampling_options(args: argparse.Namespace, tokenizer) -> dict:
+    options = dict(max_new_tokens=args.max_new_tokens, steps=args.steps, block_length=args.block_length,
+                   variable_length=args.variable_length, remasking=args.remasking, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, threshold=args.threshold,
+                   factor=args.factor, cache=args.cache, stop_strings=tuple(args.stop), forbid_eos=args.forbid_eos,
+                   eos_confidence=args.eos_confidence, seed=args.seed)
+    if args.end_think_boost:
+        end_think = tokenizer.encode("</think>")
+        options.update(end_think_ids=end_think, end_think_boost=args.end_think_boost,
+                       end_think_power=args.end_think_power)
+    return options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="*", help="prompt text(s), batched together; '-' reads one from stdin")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template as a user turn")
+    parser.add_argument("--show", action="store_true", help="live view of the denoising in the terminal")
+    parser.add_argument("--record", default=None, metavar="OUT.html|OUT.gif", help="save the denoising history")
+
+
+def _token_text(tokenizer):
+    return lambda token: tokenizer.decode([token])
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import illada
+    from illada import render
+    from illada.sampling import stream
+
+    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt] or [""]
+    if args.record and not args.record.endswith((".html", ".gif")):
+        raise IlladaError(f"--record: {args.record} must end in .html or .gif")
+    lm = illada.load(args.model, device=args.device, dtype=args.dtype)
+    options = lm._sampling_options(sampling_options(args, lm.tokenizer))
+    ids, mask = lm.encode_prompts(prompts, chat=args.chat)
+    if not options["variable_length"] and ids.shape[1] + options["gen_length"] > lm.config.max_seq_len:
+        raise IlladaError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens ({options['gen_length']}) exceed the "
+                          f"context of {lm.config.max_seq_len}")
+    token_text = _token_text(lm.tokenizer)
+    prompt_text = lm.tokenizer.decode(ids[0][mask[0].bool()].tolist())
+    start = ids.shape[1]
+    mask_id, pad_id = options["mask_id"], lm.tokenizer.pad_token_id
+    frames, live, output = [], None, None
+    if args.show:
+        from rich.console import Console
+        from rich.live import Live
+
+        live = Live(console=Console(stderr=False), refresh_per_second=20, transient=False)
+        live.start()
+    began = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for event in stream(lm.model, ids, attention_mask=mask, decode=lm.tokenizer.decode, **options):
+                if event.done:
+                    output = event.output
+                    break
+                if live is not None or args.record:
+                    canvas, step_of = event.canvas[0].tolist(), event.step_of[0].tolist()
+                    pieces = render.frame_pieces(canvas, step_of, start, mask_id, token_text, pad_id)
+                    frames.append(pieces)
+                    if live is not None:
+                        live.update(render.rich_frame(prompt_text, pieces, max(event.step + 1, 1),
+                                                      f"step {event.step + 1} · NFE {event.nfe}"))
+    finally:
+        if live is not None:
+            live.stop()
+    seconds = time.perf_counter() - began
+    texts = [lm.tokenizer.decode(t, skip_special_tokens=True) for t in output.generated_tokens()]
+    if lm.is_random:
+        print("(random-weight stand-in model: the text below is noise)", file=sys.stderr)
+    if not args.show:
+        for prompt, text in zip(prompts, texts):
+            print(prompt + text if not args.chat else text)
+            if len(prompts) > 1:
+                print("-" * 40)
+    generated = int(output.generated_lengths.sum())
+    print(f"[{generated} tokens · {output.nfe} forward passes · {output.tokens_per_forward:.2f} tokens/forward · "
+          f"{generated / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    if args.record:
+        total = max((s for piece in frames for _, s in piece), default=0) + 1
+        path = render.record(args.record, prompt_text, frames, total, title=f"illada · {lm.name}")
+        print(f"recorded {len(frames)} steps to {path}", file=sys.stderr)
+    return 0

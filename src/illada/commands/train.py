@@ -1,0 +1,81 @@
+"""`illada train [CONFIG] [--key value ...]`: pre-training (diffusion or `--objective ar`).
+
+Every TrainConfig field is a flag (`--micro-batch-size 8`); a YAML/JSON config file gives the base values and
+flags override it. Under `torchrun --nproc-per-node N -m illada train ...` each process trains its slice.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+
+from illada.errors import IlladaError
+from illada.training.config import TrainConfig, load_config_file
+
+DEFAULTS: dict = {}  # `illada sft` swaps in its own defaults
+
+
+def _flag_type(annotation: str):
+    if "bool" in annotation:
+        return None
+    if "int" in annotation and "float" not in annotation:
+        return int
+    if "float" in annotation and "tuple" not in annotation:
+        return float
+    return str
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    parser.add_argument("config", nargs="?", help="YAML or JSON file with TrainConfig keys (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        annotation = str(f.type)
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        help_text = f"(default: {default})" if not isinstance(default, dict) else argparse.SUPPRESS
+        if "bool" in annotation:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name in ("betas", "model_overrides"):
+            parser.add_argument(flag, dest=f.name, default=None, help=f"JSON value {help_text}")
+        else:
+            parser.add_argument(flag, dest=f.name, type=_flag_type(annotation), default=None, help=help_text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, DEFAULTS)
+
+
+def config_from_args(args: argparse.Namespace, defaults: dict) -> TrainConfig:
+    values = dict(defaults)
+    if args.config:
+        values.update(load_config_file(args.config))
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name in ("betas", "model_overrides"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise IlladaError(f"--{f.name.replace('_', '-')}: not valid JSON ({error})") from error
+        values[f.name] = value
+    config = TrainConfig.from_dict(values)
+    config.validate()
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_config(config_from_args(args, DEFAULTS))
+
+
+def run_config(config: TrainConfig) -> int:
+    from illada.training.trainer import train
+
+    result = train(config)
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+    if result.val_loss is not None:
+        import math
+
+        print(f"validation: {result.val_loss:.4f} nats/token (perplexity bound {math.exp(min(result.val_loss, 50)):.2f})")
+    return 0

@@ -1,0 +1,92 @@
+"""Greedy left-to-right decoding with a growing KV cache, for causal models (`--objective ar` baselines).
+
+The diffusion `KVCache` of `illada.model` splices keys/values over a fixed canvas and never writes them back, so
+this module runs the same modules incrementally with its own preallocated cache: one prefill pass over the
+prompt, then one pass per new token that computes only that token and its last-position logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from illada.errors import IlladaError
+from illada.model import Transformer, apply_rope, rope_cos_sin
+from illada.sampling.generate import GenerationOutput
+
+
+class _GrowingCache:
+    def __init__(self, model: Transformer, batch: int, length: int) -> None:
+        cfg = model.config
+        p = model.embed_tokens.weight
+        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+        self.keys = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layers)]
+        self.values = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layers)]
+
+
+def _forward_new(model: Transformer, ids: torch.Tensor, start: int, cache: _GrowingCache) -> torch.Tensor:
+    """Logits (B, V) of the last of tokens `ids` (B, n) placed at positions start..start+n-1; their keys/values are
+    written into the cache. Only the prefill (start 0) has n > 1."""
+    cfg = model.config
+    b, n = ids.shape
+    positions = torch.arange(start, start + n, device=ids.device).expand(b, n)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    x = model.embed_tokens(ids)
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(b, n, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.keys[i][:, :, start:start + n] = k
+        cache.values[i][:, :, start:start + n] = v
+        keys, values = cache.keys[i][:, :, :start + n], cache.values[i][:, :, :start + n]
+        # Prefill: causal over the prompt. A single new token attends to everything before it: no mask needed.
+        y = F.scaled_dot_product_attention(q, keys, values, is_causal=n > 1,
+                                           enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(b, n, cfg.n_heads * cfg.head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(model.norm(x[:, -1]))
+
+
+@torch.no_grad()
+def greedy_generate_ar(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int,
+                       eos_token_id: int | None = None) -> GenerationOutput:
+    """Greedy continuation of unpadded prompts (B, P) by a causal model; stops when every row has emitted EOS.
+
+    `nfe` counts forward passes (prefill + one per further token)."""
+    cfg = model.config
+    if not cfg.causal:
+        raise IlladaError("autoregressive decoding needs a causal model (trained with --objective ar)")
+    if max_new_tokens < 1:
+        raise IlladaError("max_new_tokens must be positive")
+    device = model.embed_tokens.weight.device
+    prompt_ids = torch.as_tensor(prompt_ids, device=device).long()
+    b, p = prompt_ids.shape
+    if p < 1 or p + max_new_tokens > cfg.max_seq_len:
+        raise IlladaError(f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) must fit the context "
+                          f"({cfg.max_seq_len}) and the prompt must not be empty")
+    cache = _GrowingCache(model, b, p + max_new_tokens)
+    out = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    logits = _forward_new(model, prompt_ids, 0, cache)
+    nfe, produced = 1, 0
+    for t in range(max_new_tokens):
+        token = logits.argmax(-1)
+        out[:, t] = token
+        produced = t + 1
+        if eos_token_id is not None:
+            finished |= token == eos_token_id
+            if bool(finished.all()):
+                break
+        if t + 1 < max_new_tokens:
+            logits = _forward_new(model, token[:, None], p + t, cache)
+            nfe += 1
+    gen = out[:, :produced]
+    if eos_token_id is not None:
+        is_eos = gen == eos_token_id
+        lengths = torch.where(is_eos.any(-1), is_eos.long().argmax(-1), torch.full((b,), produced, device=device))
+    else:
+        lengths = torch.full((b,), produced, device=device)
+    return GenerationOutput(sequences=torch.cat([prompt_ids, gen], dim=1), nfe=nfe, generated_lengths=lengths,
+                            tokens_per_forward=produced / nfe, prompt_length=p)

@@ -1,0 +1,42 @@
+"""How many masked tokens to commit per step: the linear schedule (reference §5.1) and the confidence rules of
+parallel decoding (threshold and factor, §5.4). Each returns a count per batch row; `remasking.select_top` picks
+which positions."""
+from __future__ import annotations
+
+import torch
+
+
+def linear_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """Tokens to commit at each of `steps` steps, (B, steps), for `masked` (B,) masked tokens per row.
+
+    Every step gets `m // steps`; the first `m % steps` steps get one more, so the counts sum to m.
+    """
+    masked = masked.long()
+    base = (masked // steps)[:, None]
+    extra = (torch.arange(steps, device=masked.device)[None, :] < (masked % steps)[:, None]).long()
+    return base + extra
+
+
+def _sorted_eligible(confidence: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """Confidences of eligible positions sorted in descending order; ineligible ones become -inf (sorted last)."""
+    masked = confidence.masked_fill(~eligible, float("-inf"))
+    return masked.sort(dim=-1, descending=True).values
+
+
+def threshold_count(confidence: torch.Tensor, eligible: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per row: how many eligible positions have confidence > threshold, at least 1 (0 if nothing is eligible)."""
+    count = ((confidence > threshold) & eligible).sum(-1)
+    return torch.minimum(count.clamp(min=1), eligible.sum(-1))
+
+
+def factor_count(confidence: torch.Tensor, eligible: torch.Tensor, factor: float) -> torch.Tensor:
+    """Per row: the largest n with (n' + 1) * (1 - c_n') < factor for every n' <= n, where c_1 >= c_2 >= ... are the
+    sorted eligible confidences; at least 1 (0 if nothing is eligible).
+
+    (n + 1)(1 - c_n) grows with n, so the condition holds on a leading run and the run length is the count.
+    """
+    c = _sorted_eligible(confidence, eligible).double()
+    n = torch.arange(1, c.shape[-1] + 1, device=c.device, dtype=torch.float64)
+    ok = (n + 1) * (1 - c) < factor  # -inf confidences give +inf, never ok
+    count = ok.long().cumprod(dim=-1).sum(-1)
+    return torch.minimum(count.clamp(min=1), eligible.sum(-1))

@@ -1,0 +1,399 @@
+"""The training loop shared by `illada train` (pre-training, `--objective ar`) and `illada sft`.
+
+Exact resume: the batch rows and the masking noise of every micro-batch are functions of (seed, step, micro-batch
+index) (see batches.py), and model/optimizer/scheduler state is restored from a full state dict, so a stopped and
+resumed run reproduces the uninterrupted one, also across a change of world size.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from illada.config import ModelConfig, preset
+from illada.errors import IlladaError
+from illada.model import Transformer, build_model
+from illada.runtime import resolve_device
+from illada.training.batches import BatchPlan, PackedRows, PairRows, micro_batch_seed
+from illada.training.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from illada.training.config import TrainConfig
+from illada.training.metrics import MetricsLog, default_peak_flops, flops_per_token, plot_losses
+from illada.training.parallelize import DistEnv, init_distributed, parallelize
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    losses: list[float]              # training loss of every step run in this call (nan for skipped steps)
+    val_loss: float | None
+    checkpoint: Path | None
+    stopped_early: bool = False
+
+
+def build_schedule_for(cfg: TrainConfig):
+    from illada.training.lr_schedule import build_schedule
+
+    kw = dict(peak_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+    if cfg.schedule == "cosine":
+        kw["switch_step"] = cfg.switch_step if cfg.switch_step is not None else int(0.8 * cfg.steps)
+    elif cfg.schedule in ("wsd", "linear-tail"):
+        kw["decay_fraction"] = cfg.decay_fraction
+    return build_schedule(cfg.schedule, **kw)
+
+
+def param_groups(model: Transformer, weight_decay: float, exempt_norms_embeddings: bool) -> list[dict]:
+    """AdamW groups: no weight decay on norms and embeddings (the tied head included) when exempted."""
+    decay, no_decay = [], []
+    embedding = model.embed_tokens.weight
+    for name, param in model.named_parameters():
+        if exempt_norms_embeddings and (param.ndim < 2 or param is embedding):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_objective(cfg: TrainConfig, model_config: ModelConfig):
+    from illada.diffusion import objective as obj
+
+    if cfg.objective == "ar":
+        return obj.AutoregressiveObjective(split_prob=cfg.split_prob)
+    if model_config.mask_token_id is None:
+        raise IlladaError("the model has no mask_token_id (set it in the tokenizer or model_overrides)")
+    if cfg.objective == "sft-pairs":
+        return obj.SFTPairsObjective(mask_id=model_config.mask_token_id, eps=cfg.mask_eps)
+    return obj.DiffusionObjective(mask_id=model_config.mask_token_id, eps=cfg.mask_eps, split_prob=cfg.split_prob,
+                                  truncate_prob=cfg.truncate_prob)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.env: DistEnv = init_distributed(self.device.type)
+        if self.env.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.env.local_rank)
+        self.out_dir = Path(cfg.out_dir)
+        self._stop_requested = False
+        self._setup_data()
+        self._setup_model()
+
+    # ----------------------------------------------------------------------------------------------------- setup
+    def _setup_data(self) -> None:
+        from illada.data.shards import PackedTokens, open_dataset
+
+        cfg = self.cfg
+        dataset = open_dataset(cfg.data)
+        self.tokenizer_source = dataset.manifest.get("tokenizer")
+        copied = dataset.manifest.get("tokenizer_dir")
+        if copied and (Path(cfg.data) / copied).is_dir():
+            # prepare stores a copy of the tokenizer beside the shards: the data stays usable if the original moves
+            self.tokenizer_source = str(Path(cfg.data) / copied)
+        holdout = 0 if cfg.val_data else cfg.val_rows
+        if cfg.objective == "sft-pairs":
+            if isinstance(dataset, PackedTokens):
+                raise IlladaError("objective sft-pairs needs a 'pairs' dataset (illada prepare --kind sft --sft-format pairs)")
+            self.rows = PairRows(dataset, cfg.seq_len, holdout)
+        else:
+            if not isinstance(dataset, PackedTokens):
+                raise IlladaError(f"objective {cfg.objective} needs a packed dataset; {cfg.data} holds prompt/response pairs")
+            self.rows = PackedRows(dataset, cfg.seq_len, holdout)
+        self.val_source = self.rows
+        if cfg.val_data:
+            val = open_dataset(cfg.val_data)
+            self.val_source = (PairRows(val, cfg.seq_len, 0) if cfg.objective == "sft-pairs" else PackedRows(val, cfg.seq_len, 0))
+            self.val_source.holdout, self.val_source.train_rows = self.val_source.train_rows, 0
+        self.vocab_size = dataset.manifest["vocab_size"]
+        self.eos_token_id = dataset.eos_token_id
+        self.global_batch = self.env.world_size * cfg.grad_accum * cfg.micro_batch_size
+        self.plan = BatchPlan(self.rows.train_rows, self.global_batch, cfg.seed)
+
+    def _load_tokenizer(self):
+        from illada.tokenizer import Tokenizer, byte_level_tokenizer
+
+        source = self.tokenizer_source
+        if self.cfg.init_from:
+            return Tokenizer.from_dir(self.cfg.init_from)
+        if source in (None, "bytes"):
+            return byte_level_tokenizer()
+        if not Path(source).is_dir():
+            raise IlladaError(f"the dataset's tokenizer {source!r} is not a directory on this machine")
+        return Tokenizer.from_dir(source)
+
+    def _setup_model(self) -> None:
+        from illada.checkpoint import load_checkpoint
+
+        cfg = self.cfg
+        self.tokenizer = self._load_tokenizer()
+        causal = cfg.objective == "ar"
+        if cfg.init_from:
+            model, model_config = load_checkpoint(cfg.init_from, device="cpu", dtype=torch.float32)
+            if model_config.causal != causal:
+                raise IlladaError(f"{cfg.init_from} is {'causal' if model_config.causal else 'bidirectional'}; "
+                                  f"objective {cfg.objective} needs the other kind")
+        else:
+            overrides = dict(cfg.model_overrides)
+            overrides.setdefault("vocab_size", self.tokenizer.vocab_size)
+            overrides.setdefault("max_seq_len", max(cfg.seq_len, preset(cfg.preset).max_seq_len))
+            for key in ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
+                overrides.setdefault(key, getattr(self.tokenizer, key))
+            model_config = preset(cfg.preset, causal=causal, name=f"{cfg.preset}-{cfg.objective}", **overrides)
+            model = build_model(model_config, device="cpu", seed=cfg.seed)
+        if model_config.vocab_size < self.vocab_size:
+            raise IlladaError(f"dataset vocabulary ({self.vocab_size}) is larger than the model's ({model_config.vocab_size})")
+        if cfg.seq_len > model_config.max_seq_len:
+            raise IlladaError(f"seq_len {cfg.seq_len} exceeds the model context {model_config.max_seq_len}")
+        self.model_config = model_config
+        self.model = model.to(self.device)
+        self.wrapped = parallelize(self.model, cfg.distributed, self.env, self.device,
+                                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay, cfg.no_decay_norms_embeddings),
+                                           lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+        self.schedule = build_schedule_for(cfg)
+        self.objective = make_objective(cfg, model_config)
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
+                         else contextlib.nullcontext())
+        self.flops_per_token = flops_per_token(model_config, cfg.seq_len)
+        self.peak_flops = cfg.peak_tflops * 1e12 if cfg.peak_tflops else default_peak_flops(self.device.type)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _full_state(self) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(self.wrapped, self.optimizer, options=options)
+
+    def _restore(self, path: Path) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        model_state, training_state, trainer_state = load_training_checkpoint(path)
+        if self.model_config.tie_word_embeddings:
+            model_state.pop("lm_head.weight", None)
+        set_state_dict(self.wrapped, self.optimizer, model_state_dict=model_state,
+                       optim_state_dict=training_state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+        torch.set_rng_state(training_state["torch_rng"])
+        return trainer_state
+
+    def save(self, step: int, tokens: int, bad_steps: int) -> Path | None:
+        model_state, optim_state = self._full_state()  # collective under FSDP: every rank takes part
+        path = None
+        if self.env.is_main:
+            trainer_state = {"step": step, "tokens": tokens, "consecutive_bad_steps": bad_steps,
+                             "world_size": self.env.world_size, "global_batch": self.global_batch,
+                             "data_position": {"step": step, "rows_consumed": step * self.global_batch}}
+            training_state = {"optimizer": optim_state, "torch_rng": torch.get_rng_state()}
+            path = save_training_checkpoint(self.out_dir, step, model_state, training_state, trainer_state,
+                                            self.model_config, self.cfg.to_dict(), tokenizer=self.tokenizer,
+                                            keep=self.cfg.keep_checkpoints)
+        if self.env.enabled:
+            dist.barrier()
+        return path
+
+    # ------------------------------------------------------------------------------------------------- steps
+    def _set_lr(self, step: int) -> float:
+        lr = float(self.schedule(step))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _micro_batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in self.rows.batch(rows).items()}
+
+    def train_step(self, step: int) -> tuple[float, dict, int]:
+        """One optimizer step; returns (mean loss over the global batch, stats, tokens). Skips the update on NaN/inf."""
+        cfg, env = self.cfg, self.env
+        self.optimizer.zero_grad(set_to_none=True)
+        total, tokens, stats = torch.zeros((), device=self.device), 0, {}
+        for k in range(cfg.grad_accum):
+            rows = self.plan.micro_rows(step, env.rank, cfg.grad_accum, cfg.micro_batch_size, k)
+            batch = self._micro_batch(rows)
+            generator = torch.Generator(device=self.device).manual_seed(
+                micro_batch_seed(cfg.seed, step, env.rank * cfg.grad_accum + k))
+            sync = contextlib.nullcontext()
+            if isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel) and k < cfg.grad_accum - 1:
+                sync = self.wrapped.no_sync()
+            with sync:
+                with self.autocast:
+                    loss, stats = self.objective(self.wrapped, batch, generator)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach().float() / cfg.grad_accum
+            tokens += batch["input_ids"].numel()
+        if env.enabled:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        finite = bool(torch.isfinite(total).item() and torch.isfinite(grad_norm).item())
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        stats = {k: (v.item() if torch.is_tensor(v) else v) for k, v in stats.items()}
+        stats["grad_norm"] = float(grad_norm.item())
+        stats["finite"] = finite
+        return float(total.item()), stats, tokens * env.world_size
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Validation loss in nats/token: the diffusion ELBO bound (fixed seeds) or the AR/SFT loss itself."""
+        from illada.diffusion.objective import elbo_nll
+
+        cfg = self.cfg
+        self.model.eval()
+        rows = self.val_source.validation_rows()[: cfg.eval_batches * cfg.micro_batch_size]
+        losses = []
+        for i in range(0, len(rows), cfg.micro_batch_size):
+            batch = {k: v.to(self.device) for k, v in self.val_source.batch(rows[i:i + cfg.micro_batch_size]).items()}
+            generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * (i + 1))
+            with self.autocast:
+                if cfg.objective == "diffusion":
+                    value = elbo_nll(self.wrapped, batch["input_ids"], self.model_config.mask_token_id,
+                                     num_samples=cfg.eval_mc_samples, generator=generator, eps=cfg.mask_eps)
+                else:
+                    value, _ = self.objective(self.wrapped, batch, generator)
+            losses.append(float(value))
+        self.model.train()
+        local = torch.tensor(float(np.mean(losses)) if losses else float("nan"), device=self.device)
+        return float(local.item())
+
+    # -------------------------------------------------------------------------------------------------- loop
+    def _install_signal_handlers(self):
+        def request_stop(signum, frame):
+            if self._stop_requested:  # a second Ctrl-C: give up on the graceful path
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            if self.env.is_main:
+                print("\nillada: stop requested; saving a checkpoint after this step", file=sys.stderr)
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in previous:
+                signal.signal(s, request_stop)
+        except ValueError:  # not the main thread (e.g. called from a server): no handlers
+            return {}
+        return previous
+
+    def _stop_agreed(self) -> bool:
+        if not self.env.enabled:
+            return self._stop_requested
+        flag = torch.tensor(float(self._stop_requested), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def run(self, max_steps: int | None = None) -> TrainResult:
+        """Train from the latest checkpoint in out_dir (or from scratch) up to cfg.steps (or `max_steps` in this call)."""
+        cfg = self.cfg
+        start, tokens, bad_steps = 0, 0, 0
+        resume = latest_checkpoint(self.out_dir)
+        if resume is not None:
+            state = self._restore(resume)
+            start, tokens, bad_steps = state["step"], state["tokens"], state.get("consecutive_bad_steps", 0)
+            if self.env.is_main:
+                print(f"illada: resuming from {resume} (step {start})", file=sys.stderr)
+        elif self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        log = MetricsLog(self.out_dir, resume_step=start if resume is not None else None) if self.env.is_main else None
+        end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
+        losses: list[float] = []
+        val_loss, last_ckpt, stopped = None, resume, False
+        previous_handlers = self._install_signal_handlers()
+        progress = _Progress(enabled=cfg.progress and self.env.is_main, total=cfg.steps, start=start)
+        self.model.train()
+        try:
+            t_last, tokens_last = time.perf_counter(), tokens
+            for step in range(start, end):
+                lr = self._set_lr(step)
+                loss, stats, step_tokens = self.train_step(step)
+                tokens += step_tokens
+                losses.append(loss if stats["finite"] else float("nan"))
+                bad_steps = 0 if stats["finite"] else bad_steps + 1
+                done = step + 1
+                if bad_steps:
+                    if self.env.is_main:
+                        print(f"illada: step {done}: non-finite loss/gradients, update skipped "
+                              f"({bad_steps} in a row)", file=sys.stderr)
+                    if bad_steps >= cfg.max_bad_steps:
+                        raise IlladaError(f"training stopped: {bad_steps} consecutive non-finite steps at step {done}; "
+                                          f"last good checkpoint: {last_ckpt or 'none'} (lower the lr or check the data)")
+                if done % cfg.log_every == 0 or done == end:
+                    now = time.perf_counter()
+                    tps = (tokens - tokens_last) / max(now - t_last, 1e-9)
+                    mfu = tps * self.flops_per_token / self.peak_flops
+                    t_last, tokens_last = now, tokens
+                    if log:
+                        log.write({"kind": "train", "step": done, "loss": loss, "lr": lr, "tokens": tokens,
+                                   "tokens_per_s": tps, "mfu": mfu, **{k: v for k, v in stats.items() if k != "finite"}})
+                    progress.update(done, loss=loss, tps=tps, mfu=mfu)
+                else:
+                    progress.update(done)
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    val_loss = self.validate()
+                    if log:
+                        log.write({"kind": "val", "step": done, "val_loss": val_loss,
+                                   "ppl_bound": math.exp(min(val_loss, 50.0))})
+                        plot_losses(log.records(), self.out_dir / "loss.png", title=f"{cfg.objective} · {self.model_config.name}")
+                stop = self._stop_agreed()
+                if done % cfg.save_every == 0 or done == end or stop:
+                    last_ckpt = self.save(done, tokens, bad_steps) or last_ckpt
+                if stop:
+                    stopped = True
+                    break
+        finally:
+            progress.close()
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
+        if log:
+            plot_losses(log.records(), self.out_dir / "loss.png", title=f"{cfg.objective} · {self.model_config.name}")
+        return TrainResult(self.out_dir, start + len(losses), losses, val_loss, last_ckpt, stopped)
+
+
+class _Progress:
+    """A rich progress bar with loss, tokens/s and MFU; silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.bar = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            TextColumn("{task.fields[info]}"), transient=False)
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.bar.start()
+
+    def update(self, step: int, loss: float | None = None, tps: float | None = None, mfu: float | None = None) -> None:
+        if self.bar is None:
+            return
+        fields = {}
+        if loss is not None:
+            fields["info"] = f"loss {loss:.4f} · {tps:,.0f} tok/s · MFU {100 * mfu:.1f}%"
+        self.bar.update(self.task, completed=step, **fields)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def train(cfg: TrainConfig, max_steps: int | None = None) -> TrainResult:
+    """Run (or resume) a training run described by `cfg`; the Python entry point behind `illada train`/`sft`."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run(max_steps=max_steps)
+    finally:
+        if trainer.env.enabled and dist.is_initialized():
+            dist.destroy_process_group()

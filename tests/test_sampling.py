@@ -1,0 +1,510 @@
+"""Samplers against an independent naive transcription of reference §5 (per-row loops), plus exact checks of the
+pieces: schedule, filters, Gumbel noise, commit selection, end-think boost, caches, stops and streaming."""
+import math
+
+import pytest
+import torch
+
+from illada.config import preset
+from illada.errors import IlladaError
+from illada.model import build_model
+from illada.sampling import SamplingConfig, generate, left_pad, stream
+from illada.sampling.endthink import end_think_boost
+from illada.sampling.remasking import filter_top_k, filter_top_p, gumbel_noise, sample_candidates, select_top
+from illada.sampling.schedule import factor_count, linear_schedule, threshold_count
+
+MASK = 3  # the tiny preset's mask_token_id
+
+
+def sharp_model(seed: int, n_layers: int = 2, head_scale: float = 3.0, causal: bool = False):
+    """A tiny random model whose predictions depend on position and context (default init makes every masked
+    position predict the same token with the same confidence, which hides ordering bugs). GQA: 4 heads, 2 kv."""
+    model = build_model(preset("tiny", tie_word_embeddings=False, n_layers=n_layers, causal=causal), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 1 / math.sqrt(p.shape[1]), generator=gen)
+        model.lm_head.weight.mul_(head_scale)
+    return model.eval()
+
+
+PROMPTS = [[10, 11, 12, 13, 14, 15], [20, 21, 22], [30, 31, 32, 33, 34]]
+
+
+def batch(prompts=PROMPTS):
+    return left_pad(prompts, pad_id=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Naive reference: one prompt, Python lists, straight from reference §5.1 (+ the documented choices: the mask token
+# is never a candidate, ties go to the leftmost position, EOS confidence -inf commits EOS last).
+# ---------------------------------------------------------------------------------------------------------------
+def naive_fixed(model, prompt, gen_length, block_length, steps, cfg_scale=0.0, eos_neg_inf=None,
+                threshold=None, factor=None, rule="low_confidence"):
+    """Returns (tokens, forward passes). threshold/factor replace the step plan by the §5.4 rules."""
+    x = list(prompt) + [MASK] * gen_length
+    p = len(prompt)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    nfe = 0
+    for b in range(num_blocks):
+        block = list(range(p + b * block_length, p + (b + 1) * block_length))
+        m = sum(1 for j in block if x[j] == MASK)
+        plan = [m // steps_per_block + (1 if i < m % steps_per_block else 0) for i in range(steps_per_block)]
+        if threshold is not None or factor is not None:
+            plan = [None] * m  # at least one token per pass
+        for k in plan:
+            if k == 0 or all(x[j] != MASK for j in block):
+                continue
+            with torch.no_grad():
+                logits = model(torch.tensor([x]))[0].double()
+                nfe += 1
+                if cfg_scale:
+                    uncond = [MASK] * p + x[p:]
+                    unc = model(torch.tensor([uncond]))[0].double()
+                    nfe += 1
+                    logits = unc + (cfg_scale + 1) * (logits - unc)
+            found = []
+            for j in block:
+                if x[j] != MASK:
+                    continue
+                row = logits[j].clone()
+                row[MASK] = float("-inf")
+                probs = torch.softmax(row, -1)
+                tok = int(row.argmax())
+                if rule == "low_confidence":
+                    conf = float(probs[tok])
+                elif rule == "margin":
+                    top = sorted(probs.tolist(), reverse=True)
+                    conf = top[0] - top[1]
+                else:  # entropy: the less uncertain, the earlier
+                    conf = sum(q * math.log(q) for q in probs.tolist() if q > 0)
+                if eos_neg_inf is not None and tok == eos_neg_inf:
+                    conf = float("-inf")
+                found.append((conf, j, tok))
+            found.sort(key=lambda c: (-c[0], c[1]))
+            if threshold is not None:
+                k = max(1, sum(1 for c in found if c[0] > threshold))
+            elif factor is not None:
+                k = 1
+                while k < len(found) and (k + 2) * (1 - found[k][0]) < factor and (k + 1) * (1 - found[k - 1][0]) < factor:
+                    k += 1
+            for _, j, tok in found[:k]:
+                x[j] = tok
+    return x, nfe
+
+
+def run(model, prompts=PROMPTS, **options):
+    ids, mask = batch(prompts)
+    options.setdefault("mask_id", MASK)
+    return generate(model, ids, attention_mask=mask, **options)
+
+
+def rows(out, prompts=PROMPTS):
+    """Each row's prompt + generation without the left padding."""
+    p = out.prompt_length
+    return [list(prompt) + out.sequences[r, p:].tolist() for r, prompt in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("gen_length,block_length,steps", [
+    (8, 8, 8), (8, 8, 3), (12, 4, 6), (10, 5, 4), (6, 3, 10), (12, 6, 2), (9, 3, 6),
+])
+def test_fixed_canvas_matches_naive_reference(gen_length, block_length, steps):
+    model = sharp_model(seed=gen_length * 100 + block_length * 10 + steps)
+    out = run(model, gen_length=gen_length, block_length=block_length, steps=steps)
+    for r, prompt in enumerate(PROMPTS):
+        expected, _ = naive_fixed(model, prompt, gen_length, block_length, steps)
+        assert rows(out)[r] == expected
+    # nfe: the naive loop skips only steps that commit nothing, as the sampler does.
+    assert out.nfe == naive_fixed(model, PROMPTS[0], gen_length, block_length, steps)[1]
+    assert out.generated_lengths.tolist() == [gen_length] * 3
+
+
+def test_batch_invariance_alone_vs_padded_batch():
+    model = sharp_model(seed=7)
+    options = dict(gen_length=12, block_length=4, steps=12, threshold=0.3, variable_length=True)
+    together = rows(run(model, **options))
+    for r, prompt in enumerate(PROMPTS):
+        alone = run(model, prompts=[prompt], **options)
+        assert together[r] == rows(alone, [prompt])[0]
+
+
+def test_cfg_zero_is_single_pass_and_cfg_matches_naive():
+    model = sharp_model(seed=11)
+    plain = run(model, gen_length=8, block_length=4, steps=8)
+    zero = run(model, gen_length=8, block_length=4, steps=8, cfg_scale=0.0)
+    assert torch.equal(plain.sequences, zero.sequences) and zero.nfe == 8
+    guided = run(model, gen_length=8, block_length=4, steps=8, cfg_scale=1.5)
+    assert guided.nfe == 16
+    for r, prompt in enumerate(PROMPTS):
+        expected, _ = naive_fixed(model, prompt, 8, 4, 8, cfg_scale=1.5)
+        assert rows(guided)[r] == expected
+    assert not torch.equal(plain.sequences, guided.sequences)  # guidance must actually change something
+
+
+def frequent_token(out):
+    gen = out.sequences[:, out.prompt_length:].flatten()
+    return int(gen.bincount().argmax())
+
+
+def test_forbid_eos_never_emits_eos():
+    model = sharp_model(seed=13)
+    eos = frequent_token(run(model, gen_length=12, block_length=4, steps=12))
+    out = run(model, gen_length=12, block_length=4, steps=12, eos_token_id=eos, forbid_eos=True)
+    assert eos not in out.sequences[:, out.prompt_length:].flatten().tolist()
+    assert out.generated_lengths.tolist() == [12] * 3
+
+
+@pytest.mark.parametrize("rule", ["low_confidence", "entropy"])
+def test_eos_confidence_neg_inf_matches_naive(rule):
+    # With entropy the confidences are negative, so "-inf" must really be -inf, not a zeroed probability.
+    model = sharp_model(seed=17)
+    eos = frequent_token(run(model, gen_length=12, block_length=6, steps=12))
+    out = run(model, gen_length=12, block_length=6, steps=12, eos_token_id=eos, eos_confidence="neg_inf",
+              early_stop=False, pad_token_id=1, remasking=rule)
+    normal = run(model, gen_length=12, block_length=6, steps=12, eos_token_id=eos, early_stop=False,
+                 pad_token_id=1, remasking=rule)
+    assert not torch.equal(out.sequences, normal.sequences)
+    for r, prompt in enumerate(PROMPTS):
+        expected, _ = naive_fixed(model, prompt, 12, 6, 12, eos_neg_inf=eos, rule=rule)
+        gen = expected[len(prompt):]
+        cut = gen.index(eos) if eos in gen else len(gen)
+        assert out.generated_lengths[r].item() == cut
+        assert rows(out)[r] == list(prompt) + gen[:cut] + [1] * (len(gen) - cut)
+
+
+@pytest.mark.parametrize("rule", ["margin", "entropy"])
+def test_margin_and_entropy_match_naive(rule):
+    model = sharp_model(seed=74, head_scale=1.0)
+    out = run(model, gen_length=8, block_length=8, steps=8, remasking=rule)
+    for r, prompt in enumerate(PROMPTS):
+        assert rows(out)[r] == naive_fixed(model, prompt, 8, 8, 8, rule=rule)[0]
+    assert not torch.equal(out.sequences, run(model, gen_length=8, block_length=8, steps=8).sequences)
+
+
+def test_eos_confidence_neg_inf_does_not_deadlock():
+    # Default init: every masked position predicts the same token; make it EOS so every confidence is -inf.
+    model = build_model(preset("tiny"), seed=1)
+    probe = run(model, gen_length=8, block_length=4, steps=8)
+    eos = frequent_token(probe)
+    out = run(model, gen_length=8, block_length=4, steps=8, eos_token_id=eos, eos_confidence="neg_inf",
+              early_stop=False, return_history=True)
+    assert out.nfe == 8 and (out.history[-1][0][:, out.prompt_length:] != MASK).all()
+
+
+def test_variable_length_equals_fixed_sampler_block_by_block():
+    model = sharp_model(seed=19)
+    block, steps, blocks = 4, 3, 4
+    out = run(model, gen_length=block * blocks, block_length=block, steps=steps, variable_length=True)
+    assert out.sequences.shape[1] == out.prompt_length + block * blocks
+    for r, prompt in enumerate(PROMPTS):
+        text = list(prompt)
+        for _ in range(blocks):
+            step = generate(model, torch.tensor([text]), mask_id=MASK, gen_length=block, block_length=block,
+                            steps=steps)
+            text = step.sequences[0].tolist()
+        assert rows(out)[r] == text
+
+
+def test_variable_length_stops_at_first_eos_and_stop_string():
+    model = sharp_model(seed=23)
+    options = dict(gen_length=20, block_length=4, steps=4, variable_length=True)
+    free = run(model, **options)
+    gen0 = free.sequences[0, free.prompt_length:].tolist()
+    eos = gen0[6]  # appears in the second block of row 0 (maybe earlier too)
+    first = gen0.index(eos)
+    out = run(model, eos_token_id=eos, return_history=True, **options)
+    assert out.generated_lengths[0].item() == first
+    assert out.sequences[0, out.prompt_length:out.prompt_length + first].tolist() == gen0[:first]
+    # Row 0 stopped after the block containing its EOS: its later blocks were never committed.
+    last_canvas, last_steps = out.history[-1]
+    row0_gen_steps = last_steps[0, out.prompt_length:]
+    assert (row0_gen_steps[(first // 4 + 1) * 4:] == -1).all()
+    for r in range(3):
+        gen = free.sequences[r, free.prompt_length:].tolist()
+        assert out.generated_lengths[r].item() == (gen.index(eos) if eos in gen else 20)
+    # Several stop tokens; every row stops within its first two blocks, so generation ends early.
+    stops = [gen0[6], free.sequences[1, free.prompt_length + 1].item(), free.sequences[2, free.prompt_length].item()]
+    out = run(model, stop_token_ids=stops, **options)
+    for r in range(3):
+        gen = free.sequences[r, free.prompt_length:].tolist()
+        cut = min(gen.index(t) for t in stops if t in gen)
+        assert out.generated_lengths[r].item() == cut and out.generated_tokens()[r] == gen[:cut]
+    assert out.nfe == 4 * ((max(out.generated_lengths.tolist()) // 4) + 1) < free.nfe
+
+    # Stop string spanning two tokens; decode writes each token as "[id]". Cut after its last token.
+    decode = lambda ids: "".join(f"[{t}]" for t in ids)  # noqa: E731
+    a, b = gen0[9], gen0[10]
+    stop = f"[{a}][{b}]"
+    cut = next(i + 2 for i in range(len(gen0) - 1) if gen0[i:i + 2] == [a, b])
+    out = run(model, stop_strings=[stop], decode=decode, **options)
+    assert out.generated_lengths[0].item() == cut
+    assert decode(out.generated_tokens()[0]).endswith(stop)
+    with pytest.raises(IlladaError):
+        run(model, stop_strings=["x"], **options)
+
+
+def test_variable_length_budget_rounded_and_capped_by_context():
+    model = sharp_model(seed=29)
+    out = run(model, gen_length=10, block_length=4, steps=4, variable_length=True)
+    assert out.sequences.shape[1] - out.prompt_length == 8  # 10 rounded down to whole blocks
+    long_prompt = [[10 + i % 100 for i in range(120)]]  # context 128: 8 tokens of room
+    out = run(model, prompts=long_prompt, gen_length=64, block_length=4, steps=4, variable_length=True)
+    assert out.sequences.shape[1] == 128
+    with pytest.raises(IlladaError):
+        run(model, prompts=long_prompt, gen_length=64, block_length=4, steps=4)  # fixed canvas does not fit
+
+
+def test_threshold_one_is_one_token_per_step():
+    model = sharp_model(seed=31)
+    ref = run(model, gen_length=12, block_length=4, steps=12)
+    out = run(model, gen_length=12, block_length=4, steps=5, threshold=1.0)
+    assert torch.equal(out.sequences, ref.sequences) and out.nfe == 12 and out.tokens_per_forward == 1.0
+
+
+@pytest.mark.parametrize("rule", [dict(threshold=0.2), dict(threshold=0.1), dict(factor=3.0), dict(factor=5.0)])
+def test_threshold_and_factor_match_naive(rule):
+    model = sharp_model(seed=37)
+    out = run(model, gen_length=12, block_length=4, steps=12, **rule)
+    nfe = set()
+    for r, prompt in enumerate(PROMPTS):
+        alone = run(model, prompts=[prompt], gen_length=12, block_length=4, steps=12, **rule)
+        expected, passes = naive_fixed(model, prompt, 12, 4, 12, **rule)
+        assert rows(out)[r] == expected and rows(alone, [prompt])[0] == expected
+        assert alone.nfe == passes
+        nfe.add(passes)
+    # A batch stays on a block until every row has filled it: at least the slowest row, fewer than one per token.
+    assert max(nfe) <= out.nfe < 12
+
+
+def test_threshold_zero_commits_a_block_per_pass():
+    model = sharp_model(seed=37)
+    everything = run(model, gen_length=12, block_length=4, steps=12, threshold=0.0)
+    assert everything.nfe == 3 and everything.tokens_per_forward == 4.0
+
+
+def test_threshold_count_and_factor_count_exact():
+    conf = torch.tensor([[0.95, 0.5, 0.91, 0.2], [0.1, 0.2, 0.3, 0.4], [0.99, 0.98, 0.97, 0.6]])
+    eligible = torch.tensor([[True, True, True, True], [True, True, False, False], [True, False, True, True]])
+    assert threshold_count(conf, eligible, 0.9).tolist() == [2, 1, 2]
+
+    def naive_factor(c, e, f):
+        vals = sorted((v for v, ok in zip(c, e) if ok), reverse=True)
+        n = 0
+        while n < len(vals) and (n + 2) * (1 - vals[n]) < f:
+            n += 1
+        return max(n, 1) if vals else 0
+
+    for f in (0.05, 0.2, 0.5, 1.0, 2.0):
+        expected = [naive_factor(c, e, f) for c, e in zip(conf.tolist(), eligible.tolist())]
+        assert factor_count(conf, eligible, f).tolist() == expected
+
+
+def test_linear_schedule_exact():
+    for m in range(0, 13):
+        for s in range(1, 7):
+            got = linear_schedule(torch.tensor([m]), s)[0].tolist()
+            expected = [m // s + (1 if i < m % s else 0) for i in range(s)]
+            assert got == expected and sum(got) == m
+
+
+def test_select_top_uneven_counts_and_neg_inf():
+    conf = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, float("-inf"), float("-inf"), 0.2], [0.4, 0.4, 0.8, 0.1]])
+    eligible = torch.tensor([[True, True, False, True], [False, True, True, True], [True, True, True, True]])
+    counts = torch.tensor([2, 3, 0])
+    got = select_top(conf, eligible, counts)
+    expected = torch.tensor([[False, True, False, True], [False, True, True, True], [False, False, False, False]])
+    assert torch.equal(got, expected)
+    # ties go left; -inf eligible positions are chosen before ineligible ones
+    got = select_top(torch.tensor([[0.4, 0.4, 0.4]]), torch.ones(1, 3, dtype=torch.bool), torch.tensor([2]))
+    assert got.tolist() == [[True, True, False]]
+
+
+@pytest.mark.parametrize("policy", ["prefix", "dual"])
+def test_cache_with_refresh_every_step_equals_uncached(policy):
+    model = sharp_model(seed=41)
+    for options in (dict(gen_length=12, block_length=4, steps=12),
+                    dict(gen_length=12, block_length=4, steps=4, variable_length=True, threshold=0.5)):
+        plain = run(model, **options)
+        cached = run(model, cache=policy, cache_refresh=1, **options)
+        assert torch.equal(plain.sequences, cached.sequences) and plain.nfe == cached.nfe
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and records the input length of every forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.lengths = model, model.config, []
+
+    def forward(self, input_ids, **kwargs):
+        self.lengths.append(input_ids.shape[1])
+        return self.model(input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("policy", ["prefix", "dual"])
+def test_cached_path_is_exact_for_one_layer(policy):
+    # With one layer, the cached keys/values of positions whose tokens did not change are exactly what a full
+    # forward computes, so the approximate caches become exact: this checks the splice (left padding, GQA, batch 3).
+    model = Recorder(sharp_model(seed=43, n_layers=1))
+    options = dict(gen_length=12, block_length=4, steps=12)
+    plain = run(model, **options)
+    model.lengths.clear()
+    cached = run(model, cache=policy, **options)
+    assert torch.equal(plain.sequences, cached.sequences) and cached.nfe == 12
+    full = plain.sequences.shape[1]
+    short = [n for n in model.lengths if n < full]
+    assert len(short) == 9  # 3 blocks x (4 steps - 1 refresh)
+    # prefix recomputes from the block start to the end of the canvas, dual only the block
+    assert sorted(set(short)) == ([4] if policy == "dual" else [4, 8, 12])
+    model.lengths.clear()
+    var = dict(gen_length=12, block_length=4, steps=4, variable_length=True)
+    assert torch.equal(run(model, **var).sequences, run(model, cache=policy, **var).sequences)
+
+
+def test_approximate_cache_runs_with_cfg_and_counts_nfe():
+    model = sharp_model(seed=47)
+    out = run(model, gen_length=12, block_length=4, steps=12, cache="dual", cfg_scale=1.0, threshold=0.5)
+    assert out.nfe % 2 == 0 and (out.sequences[:, out.prompt_length:] != MASK).all()
+
+
+def test_end_think_boost_exact_formula():
+    b, n, v, p, gen_length = 3, 4, 16, 5, 20
+    think = [7, 8, 9]
+    canvas = torch.full((b, p + gen_length), MASK)
+    canvas[:, :p] = 1
+    block_start = p + 8
+    canvas[:, p:block_start] = 2
+    # row 0: first mask at block_start + 1, preceded by nothing of </think>: boost token 7 there
+    canvas[0, block_start] = 4
+    # row 1: first mask at block_start + 2, preceded by [7, 8]: boost token 9
+    canvas[1, block_start:block_start + 2] = torch.tensor([7, 8])
+    # row 2: </think> already generated: no boost
+    canvas[2, p:p + 3] = torch.tensor(think)
+    logits = torch.randn(b, n, v, generator=torch.Generator().manual_seed(0))
+    boost, power = 100.0, 3.0
+    out = end_think_boost(logits, canvas, block_start, MASK, p, gen_length, think, boost, power)
+    delta = out - logits
+    expected = torch.zeros_like(delta)
+    for row, offset, token in ((0, 1, 7), (1, 2, 9)):
+        pos = block_start + offset
+        progress = min(max((pos - p + 1) / gen_length, 0.0), 1.0)
+        expected[row, offset, token] = boost * progress ** power
+    torch.testing.assert_close(delta, expected, rtol=1e-6, atol=1e-5)
+    # Progress is clipped to 1 beyond the budget.
+    late = end_think_boost(torch.zeros(1, 1, v), torch.full((1, p + 40), MASK), p + 30, MASK, p, gen_length,
+                           think, 5.0, 2.0)
+    assert late[0, 0, 7].item() == 5.0
+
+
+def test_end_think_boost_steers_generation():
+    model = sharp_model(seed=53)
+    think = [90, 91]
+    plain = run(model, gen_length=12, block_length=4, steps=12)
+    boosted = run(model, gen_length=12, block_length=4, steps=12, end_think_ids=think, end_think_boost=1e4,
+                  end_think_power=1.0)
+    p = boosted.prompt_length
+    assert boosted.sequences[:, p:p + 2].tolist() == [think] * 3
+    assert plain.sequences[:, p:p + 2].tolist() != [think] * 3
+
+
+def test_gumbel_noise_float64_and_sampling_distribution():
+    noise = gumbel_noise((4, 5), "cpu", torch.Generator().manual_seed(0))
+    assert noise.dtype == torch.float64
+    assert (noise.float().double() != noise).all()  # not float32 noise cast up
+    logits = torch.log(torch.tensor([0.2, 0.8]))[None].expand(20000, 2)
+    gen = torch.Generator().manual_seed(1)
+    freq = sample_candidates(logits, 1.0, gen).double().mean().item()
+    assert abs(freq - 0.8) < 0.015
+    # temperature 0.5 sharpens to p^2 / sum p^2 = 0.64 / 0.68
+    freq = sample_candidates(logits, 0.5, gen).double().mean().item()
+    assert abs(freq - 0.64 / 0.68) < 0.015
+
+
+def test_seeded_sampling_is_deterministic():
+    model = sharp_model(seed=59)
+    options = dict(gen_length=8, block_length=4, steps=8, temperature=1.0, remasking="random")
+    a = run(model, seed=5, **options)
+    b = run(model, seed=5, **options)
+    c = run(model, seed=6, **options)
+    assert torch.equal(a.sequences, b.sequences) and not torch.equal(a.sequences, c.sequences)
+
+
+def test_top_k_top_p_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5, 2.0]])
+    assert filter_top_k(logits, 2).isfinite().tolist() == [[False, True, True, False, True]]  # tie at k-th kept
+    assert filter_top_k(logits, 1).isfinite().tolist() == [[False, True, False, False, False]]
+    probs = logits.softmax(-1)[0].tolist()
+    for p in (0.1, 0.5, 0.8, 0.95, 0.999):
+        order = sorted(range(5), key=lambda i: -probs[i])
+        keep, mass = set(), 0.0
+        for i in order:
+            if mass >= p:
+                break
+            keep.add(i)
+            mass += probs[i]
+        got = filter_top_p(logits, p).isfinite()[0].tolist()
+        assert got == [i in keep for i in range(5)], p
+
+
+def test_remasking_rules_and_top_k_run():
+    model = sharp_model(seed=61)
+    for rule in ("margin", "entropy", "random"):
+        out = run(model, gen_length=8, block_length=4, steps=4, remasking=rule, temperature=0.7, top_k=5,
+                  top_p=0.9, seed=0)
+        assert (out.sequences[:, out.prompt_length:] != MASK).all()
+    # margin at temperature 0 commits in a different order than low_confidence but fills the canvas
+    a = run(model, gen_length=8, block_length=8, steps=4, remasking="margin", return_history=True)
+    assert a.nfe == 4 and len(a.history) == 4
+
+
+def test_stream_and_callback_agree_with_generate():
+    model = sharp_model(seed=67)
+    ids, mask = batch()
+    options = dict(mask_id=MASK, gen_length=8, block_length=4, steps=8)
+    seen = []
+    out = generate(model, ids, attention_mask=mask, callback=seen.append, return_history=True, **options)
+    events = list(stream(model, ids, attention_mask=mask, **options))
+    assert len(events) == len(seen) == out.nfe + 1
+    assert torch.equal(events[-1].output.sequences, out.sequences) and events[-1].done
+    for e, (canvas, step_of) in zip(events[:-1], out.history):
+        assert torch.equal(e.canvas, canvas) and torch.equal(e.step_of, step_of)
+        assert e.committed.sum().item() == 3  # one token per row per step
+    assert (out.history[-1][1][:, out.prompt_length:] >= 0).all()
+    config = SamplingConfig(max_new_tokens=8, block_length=4, steps=8, mask_id=MASK)
+    assert torch.equal(generate(model, ids, attention_mask=mask, config=config).sequences, out.sequences)
+
+
+def test_user_errors():
+    model = sharp_model(seed=71)
+    with pytest.raises(IlladaError):
+        run(model, gen_length=10, block_length=4, steps=10)  # not whole blocks
+    with pytest.raises(IlladaError):
+        run(model, gen_length=12, block_length=4, steps=4 * 3 + 1)  # steps not shared equally
+    with pytest.raises(IlladaError):
+        run(model, gen_length=8, bogus=1)
+    with pytest.raises(IlladaError):
+        SamplingConfig(remasking="nope")
+    with pytest.raises(IlladaError):
+        generate(model, torch.tensor([[1, 2]]), attention_mask=torch.tensor([[1, 0]]), mask_id=MASK)
+
+
+def test_autoregressive_greedy_with_cache_matches_full_recompute():
+    from illada.sampling.autoregressive import greedy_generate_ar
+
+    model = sharp_model(seed=79, causal=True)
+    prompt = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23]])
+    out = greedy_generate_ar(model, prompt, max_new_tokens=10)
+    ids = prompt.clone()
+    with torch.no_grad():
+        for _ in range(10):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out.sequences, ids) and out.nfe == 10
+    assert len(set(ids[:, 4:].flatten().tolist())) > 4  # a varied continuation, not one repeated token
+    eos = ids[0, 4 + 3].item()
+    stopped = greedy_generate_ar(model, prompt[:1], max_new_tokens=10, eos_token_id=eos)
+    first = ids[0, 4:].tolist().index(eos)
+    assert stopped.generated_lengths.tolist() == [first] and stopped.nfe == first + 1
+    with pytest.raises(IlladaError):
+        greedy_generate_ar(sharp_model(seed=1), prompt, max_new_tokens=4)  # not causal

@@ -1,0 +1,179 @@
+"""Trainer: exact resume, multi-process equivalence (gloo), NaN handling, signals, CLI validation."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from illada.__main__ import main
+from illada.data.prepare import prepare_pretrain
+from illada.training.checkpointing import latest_checkpoint
+from illada.training.config import TrainConfig
+from illada.training.trainer import Trainer, train
+
+TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    (root / "corpus.txt").write_text(TEXT)
+    prepare_pretrain([root / "corpus.txt"], root / "packed", "bytes", progress=False)
+    return root / "packed"
+
+
+def tiny_config(dataset: Path, out_dir: Path, **overrides) -> TrainConfig:
+    values = dict(data=str(dataset), out_dir=str(out_dir), preset="tiny", seq_len=32, micro_batch_size=2,
+                  grad_accum=2, steps=6, lr=3e-3, warmup_steps=2, schedule="wsd", save_every=3, eval_every=3,
+                  eval_batches=1, eval_mc_samples=2, val_rows=2, log_every=1, progress=False, device="cpu")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def train_losses(out_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def test_loss_decreases_and_checkpoint_is_a_loadable_model(dataset, tmp_path):
+    import illada
+
+    result = train(tiny_config(dataset, tmp_path / "run", steps=30, save_every=30, eval_every=30))
+    assert len(result.losses) == 30 and all(math.isfinite(x) for x in result.losses)
+    assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5
+    assert result.val_loss is not None and math.isfinite(result.val_loss)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    lm = illada.load(result.checkpoint)
+    assert lm.config.mask_token_id == lm.tokenizer.mask_token_id
+    assert lm.model(torch.tensor([[5, 6, 7]])).shape == (1, 3, lm.config.vocab_size)
+
+
+def test_resume_reproduces_uninterrupted_run(dataset, tmp_path):
+    full = train(tiny_config(dataset, tmp_path / "full"))
+    first = train(tiny_config(dataset, tmp_path / "split"), max_steps=4)
+    assert first.step == 4 and latest_checkpoint(tmp_path / "split").name == "step-00000004"
+    second = train(tiny_config(dataset, tmp_path / "split"))
+    assert second.step == 6
+    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(full.losses),
+                               rtol=1e-5, atol=1e-6)
+    assert train_losses(tmp_path / "split") == pytest.approx(full.losses, rel=1e-5)
+
+
+def test_lr_follows_schedule(dataset, tmp_path):
+    from illada.training.trainer import build_schedule_for
+
+    cfg = tiny_config(dataset, tmp_path / "lr", steps=8, schedule="cosine", switch_step=4)
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()]
+    schedule = build_schedule_for(cfg)
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert lrs == pytest.approx([schedule(step) for step in range(8)])
+
+
+def test_non_finite_steps_are_skipped_then_stop(dataset, tmp_path, monkeypatch):
+    from illada.errors import IlladaError
+
+    trainer = Trainer(tiny_config(dataset, tmp_path / "nan", steps=10, max_bad_steps=3, save_every=100))
+    real = trainer.objective
+    calls = {"n": 0}
+
+    def flaky(model, batch, generator):
+        calls["n"] += 1
+        loss, stats = real(model, batch, generator)
+        step = (calls["n"] - 1) // trainer.cfg.grad_accum
+        return (loss * float("nan"), stats) if step == 1 or step >= 4 else (loss, stats)
+
+    trainer.objective = flaky
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(IlladaError, match="3 consecutive non-finite"):
+        trainer.run()
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # good steps did update
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def _torchrun(args: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=0",
+           "-m", "illada", "train", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _cli_args(dataset: Path, out_dir: Path, **kw) -> list[str]:
+    values = dict(data=dataset, out_dir=out_dir, preset="tiny", seq_len=32, micro_batch_size=2, steps=4, lr=3e-3,
+                  warmup_steps=2, save_every=2, eval_every=100, eval_batches=1, val_rows=2, log_every=1,
+                  device="cpu")
+    values.update(kw)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
+    return args + ["--no-progress"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_reproduce_single_process(dataset, tmp_path, mode):
+    single = train(tiny_config(dataset, tmp_path / "single", steps=6, grad_accum=2, save_every=100, eval_every=100))
+    # Two processes, one micro-batch each: the same global batch of 4 rows per step.
+    result = _torchrun(_cli_args(dataset, tmp_path / "multi", grad_accum=1, distributed=mode), 2, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "multi")), torch.tensor(single.losses[:4]),
+                               rtol=1e-4, atol=1e-5)
+    # ...and its checkpoint resumes as a single process, continuing the single-process trajectory.
+    resumed = train(tiny_config(dataset, tmp_path / "multi", steps=6, grad_accum=2, save_every=100, eval_every=100))
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(single.losses[4:]), rtol=1e-4, atol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(dataset, tmp_path):
+    out = tmp_path / "sig"
+    cmd = [sys.executable, "-m", "illada", "train",
+           *_cli_args(dataset, out, steps=100000, save_every=100000, eval_every=100000)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] >= 3 and state["step"] == len(train_losses(out))
+
+
+def test_ar_objective_trains_a_causal_model(dataset, tmp_path):
+    import illada
+
+    result = train(tiny_config(dataset, tmp_path / "ar", objective="ar", steps=3, save_every=3, eval_every=3))
+    assert all(math.isfinite(x) for x in result.losses)
+    assert illada.load(result.checkpoint).config.causal is True
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--steps", "5"], "--data"),
+    (["train", "--data", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["train", "--data", "X", "--objective", "bogus"], "objective"),
+    (["sft", "--data", "X"], "--init-from"),
+])
+def test_cli_user_mistakes_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_file_and_overrides(dataset, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {dataset}\nout_dir: {tmp_path / 'cfg'}\npreset: tiny\nseq_len: 32\n"
+                      "micro_batch_size: 2\nsteps: 50\nval_rows: 2\neval_batches: 1\nlog_every: 1\n")
+    assert main(["train", str(config), "--steps", "2", "--save-every", "2", "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "cfg" / "train_config.json").read_text())
+    assert saved["steps"] == 2 and saved["seq_len"] == 32
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: x\nnot_a_key: 1\n")
+    assert main(["train", str(bad)]) == 2
+    assert "not_a_key" in capsys.readouterr().err
