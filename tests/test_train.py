@@ -101,7 +101,7 @@ def test_non_finite_steps_are_skipped_then_stop(dataset, tmp_path, monkeypatch):
 
 def _torchrun(args: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            "-m", "illada", "train", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -117,14 +117,17 @@ def _cli_args(dataset: Path, out_dir: Path, **kw) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_reproduce_single_process(dataset, tmp_path, mode):
-    single = train(tiny_config(dataset, tmp_path / "single", steps=6, grad_accum=2, save_every=100, eval_every=100))
+    # A constant schedule: the 4-step multi-process run and the 6-step runs then share every step's learning rate.
+    same = dict(steps=6, grad_accum=2, save_every=100, eval_every=100, schedule="constant")
+    single = train(tiny_config(dataset, tmp_path / "single", **same))
     # Two processes, one micro-batch each: the same global batch of 4 rows per step.
-    result = _torchrun(_cli_args(dataset, tmp_path / "multi", grad_accum=1, distributed=mode), 2, tmp_path)
+    result = _torchrun(_cli_args(dataset, tmp_path / "multi", grad_accum=1, distributed=mode,
+                                                  schedule="constant"), 2, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "multi")), torch.tensor(single.losses[:4]),
                                rtol=1e-4, atol=1e-5)
     # ...and its checkpoint resumes as a single process, continuing the single-process trajectory.
-    resumed = train(tiny_config(dataset, tmp_path / "multi", steps=6, grad_accum=2, save_every=100, eval_every=100))
+    resumed = train(tiny_config(dataset, tmp_path / "multi", **same))
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(single.losses[4:]), rtol=1e-4, atol=1e-5)
 
 
@@ -169,7 +172,7 @@ def test_cli_user_mistakes_exit_2(argv, message, capsys):
 def test_config_file_and_overrides(dataset, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"data: {dataset}\nout_dir: {tmp_path / 'cfg'}\npreset: tiny\nseq_len: 32\n"
-                      "micro_batch_size: 2\nsteps: 50\nval_rows: 2\neval_batches: 1\nlog_every: 1\n")
+                      "micro_batch_size: 2\nsteps: 50\nwarmup_steps: 1\nval_rows: 2\neval_batches: 1\nlog_every: 1\n")
     assert main(["train", str(config), "--steps", "2", "--save-every", "2", "--no-progress"]) == 0
     saved = json.loads((tmp_path / "cfg" / "train_config.json").read_text())
     assert saved["steps"] == 2 and saved["seq_len"] == 32
