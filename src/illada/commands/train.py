@@ -6,6 +6,7 @@ flags override it. Under `torchrun --nproc-per-node N -m illada train ...` each 
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import json
 import typing
@@ -68,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     return run_config(config_from_args(args, DEFAULTS))
 
 
+STOPPED_EXIT_CODE = 130
+
+
 def run_config(config: TrainConfig) -> int:
     from illada.training.trainer import train
 
@@ -78,4 +82,8 @@ def run_config(config: TrainConfig) -> int:
         import math
 
         print(f"validation: {result.val_loss:.4f} nats/token (perplexity bound {math.exp(min(result.val_loss, 50)):.2f})")
+    if result.stopped_early:
+        # non-zero so a script does not go on as if the run had finished; rerunning the command resumes it
+        print("illada: stopped before the last step; run the same command again to resume", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     return 0
