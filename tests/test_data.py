@@ -9,7 +9,8 @@ import pytest
 
 from illada.data import prepare as prep
 from illada.data.prepare import prepare_pretrain, prepare_sft
-from illada.data.shards import PackedTokens, PairExamples, ShardWriter, open_dataset, token_dtype, write_json_atomic
+from illada.data.shards import PackedTokens, PairExamples, ShardWriter, open_dataset, token_dtype
+from illada.files import write_json_atomic
 from illada.errors import IlladaError
 from illada.tokenizer import byte_level_tokenizer
 

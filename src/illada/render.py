@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from illada.errors import IlladaError
+from illada.files import write_atomic
 
 MASK_GLYPH = "░"
 
@@ -68,7 +69,7 @@ input{{width:100%}}</style></head><body><h3>{html.escape(title)}</h3>
 <script>const f=document.querySelectorAll('.frame'),s=document.getElementById('s'),n=document.getElementById('n');
 function show(){{f.forEach((e,i)=>e.style.display=i==s.value?'block':'none');n.textContent=s.value;}}
 s.oninput=show;show();</script></body></html>"""
-    _write_atomic(path, page.encode())
+    write_atomic(path, page.encode())
 
 
 def write_gif(path: Path, prompt: str, frames: list[list[tuple[str, int]]], total_steps: int, title: str,
@@ -125,9 +126,3 @@ def record(path: str | Path, prompt: str, frames: list[list[tuple[str, int]]], t
         raise IlladaError("--record: nothing was generated")
     (write_html if path.suffix == ".html" else write_gif)(path, prompt, frames, total_steps, title)
     return path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

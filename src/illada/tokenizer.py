@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import tempfile
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -26,6 +24,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
 from illada.errors import IlladaError
+from illada.files import read_json_object, write_atomic
 
 # name -> id of illada's special tokens; the ids are part of the format (datasets and checkpoints rely on them).
 SPECIAL_TOKENS: dict[str, int] = {
@@ -65,14 +64,6 @@ ROLES = ("system", "user", "assistant")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise IlladaError(f"{path}: cannot read JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise IlladaError(f"{path}: expected a JSON object")
-    return data
 
 
 def _token_content(value: Any) -> str | None:
@@ -88,16 +79,6 @@ def _as_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # open() (unlike mkstemp) honours the umask, so the files get the usual permissions
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class Tokenizer:
@@ -185,7 +166,7 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as error:  # the Rust side raises plain Exceptions for malformed files
             raise IlladaError(f"{path / 'tokenizer.json'}: cannot load ({error})") from error
-        optional = {name: _read_json(path / name) if (path / name).is_file() else {}
+        optional = {name: read_json_object(path / name) if (path / name).is_file() else {}
                     for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json")}
         config = optional["tokenizer_config.json"]
         if "chat_template" not in config:
@@ -193,7 +174,7 @@ class Tokenizer:
             if (path / "chat_template.jinja").is_file():
                 config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
             elif (path / "chat_template.json").is_file():
-                config["chat_template"] = _read_json(path / "chat_template.json").get("chat_template")
+                config["chat_template"] = read_json_object(path / "chat_template.json").get("chat_template")
         return cls(backend, config, special_map=optional["special_tokens_map.json"],
                    model_config=optional["config.json"], mask_token_id=mask_token_id)
 
@@ -212,8 +193,8 @@ class Tokenizer:
             config["chat_template"] = self._template
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            _write_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=True))
-            _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+            write_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=True))
+            write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         except OSError as error:
             raise IlladaError(f"cannot write the tokenizer to {directory}: {error}") from error
 

@@ -32,6 +32,7 @@ from torch import nn
 from illada.checkpoint.adapter import ADAPTERS, config_from_hf, config_to_hf, detect_layout, name_list
 from illada.config import ModelConfig
 from illada.errors import IlladaError
+from illada.files import read_json_object
 from illada.model import Transformer
 from illada.runtime import resolve_device, resolve_dtype
 
@@ -81,16 +82,6 @@ class ConversionReport:
 # --------------------------------------------------------------------------------------------------- reading
 
 
-def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise IlladaError(f"{file}: cannot read JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise IlladaError(f"{file}: expected a JSON object")
-    return data
-
-
 def _checkpoint_dir(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
@@ -103,7 +94,7 @@ def _checkpoint_dir(path: str | Path) -> Path:
 
 
 def _index_files(index: Path) -> list[Path]:
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise IlladaError(f"{index}: no weight_map")
     files = [index.parent / name for name in sorted(set(weight_map.values()))]
@@ -203,7 +194,7 @@ def inspect_checkpoint(path: str | Path) -> tuple[ModelConfig, str, list[TensorE
     in one IlladaError.
     """
     path = _checkpoint_dir(path)
-    raw = _read_json(path / CONFIG_NAME)
+    raw = read_json_object(path / CONFIG_NAME)
     headers = [(file, key, shape, dtype) for file in weight_files(path) for key, shape, dtype in _read_header(file)]
     layout = detect_layout(key for _, key, _, _ in headers)
     adapter = ADAPTERS[layout]

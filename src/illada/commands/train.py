@@ -9,7 +9,7 @@ import argparse
 import sys
 import dataclasses
 import json
-import typing
+
 
 from illada.errors import IlladaError
 from illada.training.config import TrainConfig, load_config_file

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from illada.data.shards import MANIFEST, STATE, ShardWriter, token_dtype, write_json_atomic
+from illada.data.shards import MANIFEST, STATE, ShardWriter, token_dtype
+from illada.files import write_json_atomic
 from illada.errors import IlladaError
 
 if TYPE_CHECKING:

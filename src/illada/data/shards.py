@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from illada.errors import IlladaError
+from illada.files import fsync_dir as _fsync_dir
 
 MANIFEST = "manifest.json"
 STATE = "progress.json"  # an unfinished `illada prepare` run; removed when the manifest is written
@@ -48,37 +49,8 @@ def index_name(index: int) -> str:
     return f"index-{index:05d}.npy"
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on this platform/filesystem: the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes so that readers see either the old file or the complete new one, never a partial file."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
 
 class ShardWriter:

@@ -7,7 +7,7 @@ exactly what it gives alone.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch

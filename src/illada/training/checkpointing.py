@@ -12,7 +12,6 @@ Full (unsharded) state dicts make checkpoints independent of the world size and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from illada.config import ModelConfig
 from illada.errors import IlladaError
+from illada.files import write_atomic
 from illada.model import Transformer
 
 
@@ -34,13 +34,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
         return None
     path = checkpoints_dir(out_dir) / pointer.read_text().strip()
     return path if (path / "trainer_state.json").is_file() else None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def save_training_checkpoint(
@@ -85,7 +78,7 @@ def save_training_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _write_text_atomic(root / "latest", final.name)
+    write_atomic(root / "latest", final.name)
     kept = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in kept[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
