@@ -59,8 +59,13 @@ def test_resume_reproduces_uninterrupted_run(dataset, tmp_path):
     full = train(tiny_config(dataset, tmp_path / "full"))
     first = train(tiny_config(dataset, tmp_path / "split"), max_steps=4)
     assert first.step == 4 and latest_checkpoint(tmp_path / "split").name == "step-00000004"
+    seconds_first = json.loads((first.checkpoint / "trainer_state.json").read_text())["train_seconds"]
     second = train(tiny_config(dataset, tmp_path / "split"))
     assert second.step == 6
+    # wall time adds up over sessions: the resumed run's total includes the first session's
+    elapsed = [json.loads(line)["elapsed_s"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+               if '"train"' in line]
+    assert elapsed == sorted(elapsed) and elapsed[4] > seconds_first > 0
     torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(full.losses),
                                rtol=1e-5, atol=1e-6)
     assert train_losses(tmp_path / "split") == pytest.approx(full.losses, rel=1e-5)

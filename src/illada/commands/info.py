@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         if key.startswith("params_"):
             value = f"{_count(value)} ({value:,})"
+        if key == "dtype" and value is None:
+            value = "- (a preset has no weights)"
         table.add_row(key.replace("_", " "), str(value))
     if facts["special_tokens"]:
         table.add_row("special tokens", ", ".join(f"{k}={v}" for k, v in facts["special_tokens"].items()))

@@ -188,11 +188,16 @@ class Trainer:
         torch.set_rng_state(training_state["torch_rng"])
         return trainer_state
 
+    def _elapsed(self) -> float:
+        """Wall seconds of training over every session of this run (resumes add up)."""
+        return self._seconds_before + time.perf_counter() - self._began
+
     def save(self, step: int, tokens: int, bad_steps: int) -> Path | None:
         model_state, optim_state = self._full_state()  # collective under FSDP: every rank takes part
         path = None
         if self.env.is_main:
             trainer_state = {"step": step, "tokens": tokens, "consecutive_bad_steps": bad_steps,
+                             "train_seconds": round(self._elapsed(), 3),
                              "world_size": self.env.world_size, "global_batch": self.global_batch,
                              "data_position": {"step": step, "rows_consumed": step * self.global_batch}}
             training_state = {"optimizer": optim_state, "torch_rng": torch.get_rng_state()}
@@ -298,10 +303,12 @@ class Trainer:
         """Train from the latest checkpoint in out_dir (or from scratch) up to cfg.steps (or `max_steps` in this call)."""
         cfg = self.cfg
         start, tokens, bad_steps = 0, 0, 0
+        self._seconds_before, self._began = 0.0, time.perf_counter()
         resume = latest_checkpoint(self.out_dir)
         if resume is not None:
             state = self._restore(resume)
             start, tokens, bad_steps = state["step"], state["tokens"], state.get("consecutive_bad_steps", 0)
+            self._seconds_before = float(state.get("train_seconds", 0.0))
             if self.env.is_main:
                 print(f"illada: resuming from {resume} (step {start})", file=sys.stderr)
         elif self.env.is_main:
@@ -337,7 +344,7 @@ class Trainer:
                     t_last, tokens_last = now, tokens
                     if log:
                         log.write({"kind": "train", "step": done, "loss": loss, "lr": lr, "tokens": tokens,
-                                   "tokens_per_s": tps, "mfu": mfu, **{k: v for k, v in stats.items() if k != "finite"}})
+                                   "tokens_per_s": tps, "mfu": mfu, "elapsed_s": round(self._elapsed(), 3), **{k: v for k, v in stats.items() if k != "finite"}})
                     progress.update(done, loss=loss, tps=tps, mfu=mfu)
                 else:
                     progress.update(done)
