@@ -6,10 +6,11 @@ flags override it. Under `torchrun --nproc-per-node N -m illada train ...` each 
 from __future__ import annotations
 
 import argparse
-import sys
 import dataclasses
+import inspect
 import json
-
+import re
+import sys
 
 from illada.errors import IlladaError
 from illada.training.config import TrainConfig, load_config_file
@@ -27,17 +28,25 @@ def _flag_type(annotation: str):
     return str
 
 
+def _field_comments() -> dict[str, str]:
+    """The `# ...` comment after each TrainConfig field: the dataclass source is the one place they are written."""
+    source = inspect.getsource(TrainConfig)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^    (\w+): [^#\n]*#(.*)$", source, re.M)}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("config", nargs="?", help="YAML or JSON file with TrainConfig keys (flags override it)")
+    comments = _field_comments()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         annotation = str(f.type)
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
-        help_text = f"(default: {default})" if not isinstance(default, dict) else argparse.SUPPRESS
+        help_text = " ".join(filter(None, [comments.get(f.name), f"(default: {default})"]))
+        help_text = help_text.replace("%", "%%")
         if "bool" in annotation:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name in ("betas", "model_overrides"):
-            parser.add_argument(flag, dest=f.name, default=None, help=f"JSON value {help_text}")
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=_flag_type(annotation), default=None, help=help_text)
 

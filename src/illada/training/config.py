@@ -18,46 +18,46 @@ class TrainConfig:
     """Everything that determines a training run. Saved beside every checkpoint as `train_config.json`."""
 
     data: str = ""                      # dataset directory from `illada prepare`
-    out_dir: str = "runs/illada"
+    out_dir: str = "runs/illada"  # run directory: checkpoints/, metrics.jsonl, loss.png
     val_data: str | None = None         # separate validation dataset; else `val_rows` rows held out from `data`
-    val_rows: int = 16
+    val_rows: int = 16  # rows of seq_len tokens held out from the end of `data` for validation
     objective: str = "diffusion"        # diffusion (LLaDA/iLLaDA pre-training + variable-length SFT) | ar | sft-pairs
     # model: a preset (with overrides) for a fresh model, or a checkpoint directory to start from (SFT)
-    preset: str = "small"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    init_from: str | None = None
-    seq_len: int = 256
+    preset: str = "small"  # model shape for a fresh model: tiny | small | illada-8b | llada-8b
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # JSON object of ModelConfig fields, e.g. {"n_layers": 4}
+    init_from: str | None = None  # checkpoint directory to start from (SFT); its tokenizer is used
+    seq_len: int = 256  # tokens per training row
     micro_batch_size: int = 8           # rows per forward on each process
     grad_accum: int = 1                 # micro-batches per optimizer step on each process
-    steps: int = 1000
-    lr: float = 4e-4
-    min_lr: float = 1e-5
+    steps: int = 1000  # optimizer steps in the whole run
+    lr: float = 4e-4  # peak learning rate
+    min_lr: float = 1e-5  # learning rate at the end of the decay
     schedule: str = "wsd"               # wsd (LLaDA) | cosine (iLLaDA) | linear-tail (SFT) | constant
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to lr
     switch_step: int | None = None      # cosine: start of the decay (default: 80% of steps)
     decay_fraction: float = 0.1         # wsd / linear-tail: final linear decay over this fraction of steps
-    weight_decay: float = 0.1
-    no_decay_norms_embeddings: bool = True
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    mask_eps: float = 1e-3
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    no_decay_norms_embeddings: bool = True  # no weight decay on norm gains and embeddings
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas, JSON list
+    grad_clip: float = 1.0  # max global gradient norm
+    mask_eps: float = 1e-3  # masking-rate floor: p = (1 - eps) t + eps
     split_prob: float = 0.3             # iLLaDA random split into two independent segments
     truncate_prob: float = 0.0          # LLaDA: 0.01 of batches cut to a random length
-    seed: int = 1234
+    seed: int = 1234  # seeds the weights, data order and masking noise
     dtype: str = "auto"                 # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
-    compile: bool = False
-    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each Transformer block
+    activation_checkpointing: bool = False  # recompute block activations in the backward pass
     distributed: str = "auto"           # auto: ddp under torchrun, else none | none | ddp | fsdp
-    save_every: int = 200
-    keep_checkpoints: int = 2
-    eval_every: int = 200
-    eval_batches: int = 4
-    eval_mc_samples: int = 4
-    log_every: int = 10
+    save_every: int = 200  # steps between checkpoints (also saved at the end and on Ctrl-C/SIGTERM)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    eval_every: int = 200  # steps between validation ELBO evaluations
+    eval_batches: int = 4  # validation batches per evaluation
+    eval_mc_samples: int = 4  # Monte Carlo masking samples per validation row
+    log_every: int = 10  # steps between metrics.jsonl records
     max_bad_steps: int = 5              # consecutive NaN/inf losses before the run stops
     peak_tflops: float | None = None    # for MFU; default: 0.16 on CPU (2-core fp32), 989 on H100 bf16
-    device: str = "auto"
-    progress: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True  # rich progress bar
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
