@@ -12,3 +12,4 @@ EXPORT=src/illada/assets/models/illada-shakespeare-tiny
 [ -f $RUN/data/manifest.json ] || $ILLADA prepare data/shakespeare/*.txt --tokenizer $RUN/tokenizer --out $RUN/data
 $ILLADA train recipes/shakespeare-tiny.yaml ${STEPS:+--steps $STEPS}
 $ILLADA convert "$RUN/pretrain/checkpoints/$(cat $RUN/pretrain/checkpoints/latest)" $EXPORT --dtype bf16 --force
+${PYTHON:-.venv/bin/python} recipes/model_card.py --run $RUN/pretrain --model $EXPORT
