@@ -11,7 +11,7 @@ $(BIN)/.illada-installed: pyproject.toml requirements/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_REQUIREMENTS),$(BIN)/python -m pip install --quiet -r $(TORCH_REQUIREMENTS))
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" $(if $(TORCH_REQUIREMENTS),-c $(TORCH_REQUIREMENTS))
 	touch $@
 
 setup: $(BIN)/.illada-installed

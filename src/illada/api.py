@@ -104,6 +104,22 @@ class DiffusionLM:
         return self.tokenizer.decode(output.generated_tokens()[0], skip_special_tokens=True).strip()
 
 
+    def score(self, context: str, choices: list[str], *, method: str = "confidence", **options) -> list[float]:
+        """One score per choice (higher is better): method "confidence" (iLLaDA §6.2), "mc" (Monte Carlo
+        likelihood bound, mc_num=128) or "exact" (one-token likelihood). Options: mc_num, batch_size,
+        cfg_scale, seed, add_bos."""
+        from illada.scoring import score
+
+        return score(self, context, choices, method=method, **options)
+
+    def loglikelihood(self, context: str, continuation: str | list[str], **options) -> float | list[float]:
+        """Monte Carlo lower bound on log p(continuation | context) in nats (exact for one-token continuations);
+        a list of continuations gives a list. Options: mc_num (128), batch_size, cfg_scale, seed, add_bos."""
+        from illada.scoring import loglikelihood
+
+        return loglikelihood(self, context, continuation, **options)
+
+
 def _random_stand_in(device: torch.device, dtype: torch.dtype | None) -> DiffusionLM:
     from illada.tokenizer import byte_level_tokenizer
 

@@ -1,0 +1,228 @@
+"""Run a task on a loaded model: batches of samples -> per-sample records (a JSONL log, written as they finish)
+-> the metric with its standard error, a JSON results file and a printed table."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from illada.evaluation import tasks
+from illada.evaluation.answers import extract_answer, extract_letter, numbers_equal
+from illada.evaluation.presets import TaskPreset
+from illada.evaluation.sandbox import run_python
+from illada.errors import IlladaError
+
+
+@dataclass
+class EvalResult:
+    task: str
+    model: str
+    metric: str  # "accuracy" or "pass@1"
+    score: float
+    stderr: float
+    n: int
+    seconds: float
+    forward_passes: int  # model calls
+    sequence_passes: int  # rows through the model (a call on a batch of B rows counts B)
+    settings: dict = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("records")
+        data["sequence_passes_per_sample"] = self.sequence_passes / self.n if self.n else 0.0
+        return data
+
+
+@contextmanager
+def count_passes(model) -> Iterator[dict]:
+    """Counts forward calls and rows through `model` while the block runs."""
+    counts = {"calls": 0, "rows": 0}
+
+    def hook(module, args, kwargs, output):
+        counts["calls"] += 1
+        ids = args[0] if args else kwargs.get("input_ids")
+        counts["rows"] += int(ids.shape[0]) if ids is not None else 0
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield counts
+    finally:
+        handle.remove()
+
+
+class _Progress:
+    """A rich progress bar with ETA and the running metric on stderr (a no-op when disabled)."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                TextColumn("{task.fields[metric]}"), console=Console(stderr=True), transient=False)
+            self.task = self.bar.add_task(label, total=total, metric="")
+            self.bar.start()
+
+    def advance(self, n: int, metric: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, metric=metric)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _chunks(items: list, size: int) -> Iterator[tuple[int, list]]:
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+def evaluate(lm, preset: TaskPreset, samples: list[dict], *, fewshot_pool: list[dict] | None = None,
+             limit: int | None = None, batch_size: int = 8, seed: int = 0, timeout: float = 10.0,
+             log_path: str | Path | None = None, progress: bool = True) -> EvalResult:
+    """Evaluate `lm` (a `DiffusionLM`) on `samples` (records in the task kind's format) with `preset`.
+
+    Few-shot examples come from `fewshot_pool`, or else from the other samples. `limit`: only the first N samples.
+    The per-sample log (prompt, output or scores, extracted answer, target, correct) is appended to `log_path`.
+    """
+    preset.validate()
+    samples = [tasks.normalize_sample(s, preset.kind, f"sample {i + 1}") for i, s in enumerate(samples)]
+    if fewshot_pool is not None:
+        fewshot_pool = [tasks.normalize_sample(s, preset.kind, f"few-shot example {i + 1}")
+                        for i, s in enumerate(fewshot_pool)]
+    same_data = fewshot_pool is None
+    pool = samples if fewshot_pool is None else fewshot_pool  # the whole file, also under --limit
+    if limit is not None:
+        if limit < 1:
+            raise IlladaError(f"--limit must be >= 1, got {limit}")
+        samples = samples[:limit]
+    if batch_size < 1:
+        raise IlladaError(f"batch size must be >= 1, got {batch_size}")
+    log = open(log_path, "w", encoding="utf-8") if log_path is not None else None
+    bar = _Progress(len(samples), preset.name, progress)
+    metric = "pass@1" if preset.kind == "humaneval" else "accuracy"
+    records: list[dict] = []
+    began = time.perf_counter()
+    try:
+        with count_passes(lm.model) as counts:
+            for start, chunk in _chunks(samples, batch_size):
+                shots = [tasks.fewshot_examples(start + i, pool, preset.num_fewshot, same_data, seed)
+                         for i in range(len(chunk))]
+                if preset.method == "generate":
+                    new = _generate_batch(lm, preset, chunk, shots, seed, timeout)
+                else:
+                    new = _score_batch(lm, preset, chunk, shots, seed)
+                for offset, record in enumerate(new):
+                    record = {"index": start + offset, **record}
+                    records.append(record)
+                    if log is not None:
+                        log.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        log.flush()
+                correct = sum(r["correct"] for r in records)
+                bar.advance(len(chunk), f"{metric} {correct / len(records):.3f}")
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    n = len(records)
+    score = sum(r["correct"] for r in records) / n
+    stderr = math.sqrt(score * (1 - score) / (n - 1)) if n > 1 else float("nan")
+    return EvalResult(task=preset.name, model=lm.name, metric=metric, score=score, stderr=stderr, n=n,
+                      seconds=time.perf_counter() - began, forward_passes=counts["calls"],
+                      sequence_passes=counts["rows"], settings=asdict(preset), records=records)
+
+
+def _score_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[dict]], seed: int) -> list[dict]:
+    from illada.scoring import score_pairs
+
+    requests = []
+    for sample, demo in zip(chunk, shots):
+        if preset.kind == "mmlu":
+            requests.append(tasks.mmlu_request(sample, demo))
+        else:
+            requests.append(tasks.choice_request(preset, sample, demo))
+    pairs = [(context, option) for context, options in requests for option in options]
+    scores, _ = score_pairs(lm, pairs, method=preset.method, mc_num=preset.mc_num, seed=seed)
+    records, at = [], 0
+    for sample, (context, options) in zip(chunk, requests):
+        values = scores[at:at + len(options)]
+        at += len(options)
+        prediction = max(range(len(values)), key=values.__getitem__)
+        records.append({"prompt": context, "choices": options, "scores": values, "prediction": prediction,
+                        "target": sample["answer"], "correct": prediction == sample["answer"]})
+    return records
+
+
+def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[dict]], seed: int,
+                    timeout: float) -> list[dict]:
+    tok = lm.tokenizer
+    prompts = []
+    for sample, demo in zip(chunk, shots):
+        if preset.kind == "mmlu":
+            prompt = (tok.apply_chat_template(tasks.mmlu_messages(sample, demo)) if preset.chat
+                      else tasks.mmlu_request(sample, demo)[0])
+        elif preset.kind == "gsm8k":
+            prompt = (tok.apply_chat_template(tasks.gsm8k_messages(sample, demo)) if preset.chat
+                      else tasks.gsm8k_prompt(sample, demo))
+        else:
+            prompt = tok.apply_chat_template(tasks.humaneval_messages(sample)) if preset.chat else sample["prompt"]
+        prompts.append(prompt)
+    options = preset.sampling_options()
+    if preset.end_think_boost:
+        options.update(end_think_ids=tok.encode("</think>"), end_think_boost=preset.end_think_boost,
+                       end_think_power=preset.end_think_power)
+    outputs = lm.generate(prompts, seed=seed, **options)
+    records = []
+    for sample, prompt, output in zip(chunk, prompts, outputs):
+        output = _cut_at_stop(output, preset.stop)
+        record = {"prompt": prompt, "output": output}
+        if preset.kind == "mmlu":
+            letter = extract_letter(output, len(sample["choices"]))
+            target = tasks.LETTERS[sample["answer"]]
+            record.update(extracted=letter, target=target, correct=letter == target)
+        elif preset.kind == "gsm8k":
+            answer = extract_answer(output)
+            record.update(extracted=answer, target=sample["target"], correct=numbers_equal(answer, sample["target"]))
+        else:
+            program = tasks.humaneval_program(sample, output, preset.chat)
+            result = run_python(program, timeout=timeout)
+            record.update(task_id=sample["task_id"], status=result.status, stderr=result.stderr[-1000:],
+                          correct=result.passed)
+        records.append(record)
+    return records
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """The text before the first stop string (the sampler stops at a stop string but keeps it)."""
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+# ------------------------------------------------------------------------------------------------------ output
+def write_results(result: EvalResult, path: str | Path) -> None:
+    from illada.files import write_json_atomic
+
+    write_json_atomic(path, result.to_dict())
+
+
+def print_table(results: list[EvalResult], file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="illada eval")
+    for column in ("task", "method", "metric", "value", "± stderr", "n", "passes/sample", "seconds"):
+        table.add_column(column, justify="left" if column in ("task", "method", "metric") else "right")
+    for r in results:
+        table.add_row(r.task, r.settings.get("method", ""), r.metric, f"{r.score:.4f}",
+                      "-" if math.isnan(r.stderr) else f"{r.stderr:.4f}", str(r.n),
+                      f"{r.sequence_passes / max(r.n, 1):.1f}", f"{r.seconds:.1f}")
+    Console(file=file or sys.stdout).print(table)
