@@ -183,6 +183,18 @@ def test_save_load_same_logits(tmp_path, ids, tied):
     assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tied
 
 
+def test_saved_files_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(build_model(preset("tiny"), seed=1), preset("tiny"), tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    for file in (tmp_path / "ckpt").iterdir():
+        assert file.stat().st_mode & 0o777 == 0o644, file.name  # readable by others, like any file written
+
+
 def test_sharded_save_loads_identically(tmp_path, ids):
     config = untied_config()
     model = build_model(config, seed=2)

@@ -291,6 +291,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
 # --------------------------------------------------------------------------------------------------- writing
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a fresh directory next to `path`; on success it replaces `path`, on any error it is deleted."""
@@ -343,6 +349,8 @@ def _write_weights(directory: Path, tensors: list[_PendingTensor], max_shard_byt
     for name, shard in zip(names, shards):
         data = {t.key: t.fetch() for t in shard}
         save_file(data, str(directory / name), metadata={"format": "pt"})
+        # safetensors creates the file owner-only; a checkpoint is shared like any file (the umask decides)
+        os.chmod(directory / name, 0o666 & ~_umask())
         del data
         weight_map.update({t.key: name for t in shard})
         if after_shard is not None:
