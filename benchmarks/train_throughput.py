@@ -41,11 +41,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_step(objective, causal: bool, args, device: torch.device):
+def model_config(args, causal: bool = False):
     overrides = {"causal": causal}
     if args.n_layers:
         overrides["n_layers"] = args.n_layers
     config = preset(args.preset, **overrides)
+    if config.mask_token_id is None:  # presets without a tokenizer: the last id plays the mask
+        config = config.replace(mask_token_id=config.vocab_size - 1)
+    return config
+
+
+def make_step(objective, causal: bool, args, device: torch.device):
+    config = model_config(args, causal)
     model = build_model(config, device=device, seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -72,7 +79,7 @@ def make_step(objective, causal: bool, args, device: torch.device):
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    config = preset(args.preset, **({"n_layers": args.n_layers} if args.n_layers else {}))
+    config = model_config(args)
     # split_prob=0 on both: the random split adds segment masks, which changes the attention kernel, not FLOPs
     steps = {
         "diffusion": make_step(DiffusionObjective(mask_id=config.mask_token_id, split_prob=0.0), False, args, device)[1],

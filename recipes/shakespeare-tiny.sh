@@ -12,4 +12,5 @@ EXPORT=src/illada/assets/models/illada-shakespeare-tiny
 [ -f $RUN/data/manifest.json ] || $ILLADA prepare data/shakespeare/*.txt --tokenizer $RUN/tokenizer --out $RUN/data
 $ILLADA train recipes/shakespeare-tiny.yaml ${STEPS:+--steps $STEPS}
 $ILLADA convert "$RUN/pretrain/checkpoints/$(cat $RUN/pretrain/checkpoints/latest)" $EXPORT --dtype bf16 --force
+cp $RUN/pretrain/{metrics.jsonl,train_config.json,loss.png} $EXPORT/
 ${PYTHON:-.venv/bin/python} recipes/model_card.py --run $RUN/pretrain --model $EXPORT
