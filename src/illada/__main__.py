@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "sample text from a model (fixed canvas, variable length, parallel decoding)"),
     "chat": ("chat", "multi-turn chat in the terminal with the checkpoint's chat template"),
     "eval": ("eval", "benchmarks by the paper's protocols on local files (choice tasks, GSM8K, HumanEval)"),
+    "serve": ("serve", "OpenAI-compatible HTTP API with streaming, dynamic batching and a live web playground"),
     "convert": ("convert", "convert a LLaDA-layout checkpoint into the iLLaDA layout"),
     "tokenizer": ("tokenizer", "train a byte-level BPE tokenizer with illada's special tokens"),
     "prepare": ("prepare", "tokenise text / chat corpora into packed training shards"),

@@ -46,7 +46,8 @@ class DiffusionLM:
             raise IlladaError(f"model {self.name}: no mask token id in config.json or the tokenizer; pass mask_token_id=")
         return mask_id
 
-    def _sampling_options(self, options: dict) -> dict:
+    def sampling_options(self, options: dict) -> dict:
+        """`options` completed with this model's defaults: per-mode steps/blocks, mask, EOS and EOT ids."""
         tok = self.tokenizer
         options = _sampling_defaults(options, self.config)
         options.setdefault("mask_id", self.mask_token_id)
@@ -80,7 +81,7 @@ class DiffusionLM:
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
         ids, mask = self.encode_prompts(batch, chat=chat)
-        options = self._sampling_options(options)
+        options = self.sampling_options(options)
         room = self.config.max_seq_len - ids.shape[1]
         if options["gen_length"] > room and not options["variable_length"]:
             raise IlladaError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({options['gen_length']}) exceed "
@@ -100,7 +101,7 @@ class DiffusionLM:
         if ids.shape[1] >= self.config.max_seq_len:
             raise IlladaError(f"conversation of {ids.shape[1]} tokens does not fit the context of {self.config.max_seq_len}")
         with torch.inference_mode():
-            output = generate(self.model, ids, decode=self.tokenizer.decode, **self._sampling_options(options))
+            output = generate(self.model, ids, decode=self.tokenizer.decode, **self.sampling_options(options))
         return self.tokenizer.decode(output.generated_tokens()[0], skip_special_tokens=True).strip()
 
 

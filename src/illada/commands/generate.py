@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.record and not args.record.endswith((".html", ".gif")):
         raise IlladaError(f"--record: {args.record} must end in .html or .gif")
     lm = illada.load(args.model, device=args.device, dtype=args.dtype)
-    options = lm._sampling_options(sampling_options(args, lm.tokenizer))
+    options = lm.sampling_options(sampling_options(args, lm.tokenizer))
     ids, mask = lm.encode_prompts(prompts, chat=args.chat)
     if not options["variable_length"] and ids.shape[1] + options["gen_length"] > lm.config.max_seq_len:
         raise IlladaError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens ({options['gen_length']}) exceed the "
