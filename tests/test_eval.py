@@ -320,3 +320,18 @@ def test_generation_presets_run_the_real_sampler():
     result = evaluate(lm, get_preset("mmlu", instruct=True).replace(num_fewshot=1), mmlu, progress=False)
     assert result.records[0]["prompt"].count("<|start_header_id|>user") == 2  # one shot turn + the question
     assert all(r["target"] in "ABC" for r in result.records)
+
+
+def test_mmlu_options_inside_the_question_are_split_out():
+    from illada.evaluation.tasks import mmlu_request, normalize_sample
+
+    record = {"question": "Which is a prime?\n\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer:", "answer": "C"}
+    sample = normalize_sample(record, "mmlu")
+    assert sample["question"] == "Which is a prime?"
+    assert sample["choices"] == ["4", "6", "7", "9"] and sample["answer"] == 2
+    context, continuations = mmlu_request(sample, [])
+    assert context.endswith("Which is a prime?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer:")
+    assert continuations == [" A", " B", " C", " D"]
+    # letters out of order are not options: the record then lacks `choices`, a clear error
+    with pytest.raises(IlladaError, match="choices"):
+        normalize_sample({"question": "Q\nB. x\nA. y\nAnswer:", "answer": "A"}, "mmlu")

@@ -219,3 +219,16 @@ def test_handle_score_methods():
     assert len(score(lm, "The sky is", [" blue", " green"], method="mc", mc_num=4)) == 2
     with pytest.raises(IlladaError, match="unknown scoring method"):
         score(lm, "x", ["y"], method="bogus")
+
+
+@pytest.mark.parametrize("method", ["confidence", "exact"])
+def test_handle_cuts_a_too_long_context_from_the_left(method):
+    lm = tiny_handle()
+    window = lm.config.max_seq_len
+    context = "x" * (window + 50) + "the end"
+    extra = 1 if method == "confidence" else 0  # confidence appends an EOS
+    bos = 1 if method == "confidence" else 0
+    # bytes: one token per character; keep exactly what fits beside BOS, the 1-token choice and the EOS
+    kept = context[len(context) - (window - bos - 1 - extra):]
+    assert score(lm, context, ["a", "b"], method=method) == pytest.approx(
+        score(lm, kept, ["a", "b"], method=method), abs=1e-5)

@@ -2,7 +2,8 @@
 
 Formats, one JSON object per line:
 - choice tasks (`multiple_choice`, `mmlu`): `question`, `choices` (list of strings), `answer` (index, or letter
-  "A".."Z"); optional `subject` (MMLU header);
+  "A".."Z"); optional `subject` (MMLU header). `mmlu` also takes the options inside the question instead of
+  `choices` ("...\nA. ..\nB. ..\nAnswer:", the format of MMLU exports such as OpenAI's evals);
 - `gsm8k`: `question`, `answer` (text ending in `#### <number>`, or just the number);
 - `humaneval`: `task_id`, `prompt` (signature + docstring), `test` (defines `check(candidate)`), `entry_point`.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from illada.errors import IlladaError
@@ -17,6 +19,7 @@ from illada.evaluation.answers import extract_gold
 from illada.evaluation.presets import TaskPreset
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_OPTION_START = re.compile(r"\n(?=[A-Z]\. )")
 GSM8K_INSTRUCTION = ("Solve the following math problem step by step. Write the final answer on the last line "
                      "as '#### <number>'.\n\n")
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the whole function (and the imports "
@@ -70,6 +73,8 @@ def normalize_sample(record: dict, kind: str, where: str = "sample") -> dict:
     """A validated copy of one record: choice tasks get `answer` as an index, gsm8k a numeric `target`."""
     if not isinstance(record, dict):
         raise IlladaError(f"{where}: expected a JSON object")
+    if kind == "mmlu" and "choices" not in record and isinstance(record.get("question"), str):
+        record = _split_lettered(record)
     if kind in ("multiple_choice", "mmlu"):
         _need(record, ("question", "choices", "answer"), where)
         choices = record["choices"]
@@ -125,6 +130,22 @@ def choice_request(preset: TaskPreset, sample: dict, shots: list[dict]) -> tuple
                    for s in shots)
     context = demo + _render(preset.context_template, sample)
     return context, [_render(preset.choice_template, dict(sample, choice=c)) for c in sample["choices"]]
+
+
+def _split_lettered(record: dict) -> dict:
+    """Move the "A. ..", "B. .." options (each may span lines) and a trailing "Answer:" out of the question into
+    `choices`."""
+    text = record["question"].rstrip()
+    if text.endswith("Answer:"):
+        text = text[: -len("Answer:")].rstrip()
+    parts = _OPTION_START.split(text)
+    # the options are the last run of parts lettered A, B, C, ... up to the end
+    for first in range(len(parts) - 1, 0, -1):
+        tail = parts[first:]
+        if all(part.startswith(f"{LETTERS[k]}. ") for k, part in enumerate(tail)) and len(tail) >= 2:
+            return dict(record, question="\n".join(parts[:first]).strip(),
+                        choices=[part[3:].strip() for part in tail])
+    return record  # not lettered: validation reports the missing `choices`
 
 
 def _mmlu_question(sample: dict) -> str:

@@ -44,12 +44,16 @@ def score_pairs(lm, pairs: Sequence[tuple[str, str]], *, method: str = "confiden
     - "mc": Monte Carlo lower bound on log p (mc_num samples; is_greedy always False: not computed);
     - "exact": log p of a one-token continuation (is_greedy: the token is the argmax).
     `add_bos` None: a BOS is prepended for "confidence" (reference §6.2) and not for the likelihoods.
+    A context longer than the model's window is cut from the left (its oldest tokens go).
     """
     if method not in METHODS:
         raise IlladaError(f"unknown scoring method {method!r}; choose from {', '.join(METHODS)}")
     bos = _bos(lm, method == "confidence" if add_bos is None else add_bos)
     encoded = [encode_pair(lm.tokenizer, ctx, cont) for ctx, cont in pairs]
-    contexts = [bos + c for c, _ in encoded]
+    # like lm-evaluation-harness: a context too long for the model loses its oldest tokens (the BOS stays)
+    extra = 1 if method == "confidence" else 0  # the appended EOS
+    limit = lm.config.max_seq_len
+    contexts = [bos + c[max(0, len(bos) + len(c) + len(r) + extra - limit):] for c, r in encoded]
     continuations = [r for _, r in encoded]
     for (ctx, cont), ids in zip(pairs, continuations):
         if not ids:
