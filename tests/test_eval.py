@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 import illada.__main__ as cli
 from illada.api import DiffusionLM
@@ -21,13 +20,6 @@ from illada.model import build_model
 from illada.scoring import score
 from illada.tokenizer import byte_level_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------- answer extraction

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 lm_eval = pytest.importorskip("lm_eval")  # the `eval` extra
 
@@ -16,13 +15,6 @@ from illada.tokenizer import byte_level_tokenizer  # noqa: E402
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

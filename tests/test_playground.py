@@ -6,12 +6,11 @@ Browser: $ILLADA_CHROMIUM, else Playwright's own Chromium if installed, else a s
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
+from test_serve import Slow  # pytest puts tests/ on sys.path
 import torch
-from torch import nn
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("uvicorn")
@@ -36,17 +35,6 @@ def find_browser(playwright) -> str | None:
                                                    "google-chrome", "chrome")]
     return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
 
-
-class Slow(nn.Module):
-    """A few ms per forward pass, so the page gets the steps over several network reads."""
-
-    def __init__(self, inner: nn.Module, delay: float) -> None:
-        super().__init__()
-        self.inner, self.config, self.delay = inner, inner.config, delay
-
-    def forward(self, *args, **kwargs):
-        time.sleep(self.delay)
-        return self.inner(*args, **kwargs)
 
 
 def tiny_handle() -> DiffusionLM:

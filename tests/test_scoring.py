@@ -25,14 +25,6 @@ from illada.tokenizer import byte_level_tokenizer
 MASK, EOS, BOS = 3, 2, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids oversubscription stalls on a busy machine (100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def sharp_model(seed: int = 0, vocab: int = 128, **overrides):
     """Tiny random model with large weights, so predictions vary strongly with position and context."""
