@@ -5,9 +5,10 @@ Token-level functions take the bare model; `score` / `loglikelihood` take a load
 """
 from illada.scoring.confidence import confidence_score, confidence_scores_greedy
 from illada.scoring.handle import METHODS, encode_pair, loglikelihood, score, score_pairs
-from illada.scoring.likelihood import CorpusElbo, corpus_elbo, mc_loglikelihood, token_loglikelihood
+from illada.scoring.likelihood import (CorpusElbo, corpus_elbo, mc_loglikelihood, next_token_logprobs,
+                                       token_loglikelihood)
 
 __all__ = [
     "METHODS", "CorpusElbo", "confidence_score", "confidence_scores_greedy", "corpus_elbo", "encode_pair",
-    "loglikelihood", "mc_loglikelihood", "score", "score_pairs", "token_loglikelihood",
+    "loglikelihood", "mc_loglikelihood", "next_token_logprobs", "score", "score_pairs", "token_loglikelihood",
 ]

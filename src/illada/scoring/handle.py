@@ -5,7 +5,7 @@ from typing import Sequence
 
 from illada.errors import IlladaError
 from illada.scoring.confidence import confidence_scores_greedy
-from illada.scoring.likelihood import mc_loglikelihood, token_loglikelihood
+from illada.scoring.likelihood import mc_loglikelihood, next_token_logprobs
 
 METHODS = ("confidence", "mc", "exact")
 
@@ -63,24 +63,18 @@ def score_pairs(lm, pairs: Sequence[tuple[str, str]], *, method: str = "confiden
         return confidence_scores_greedy(lm.model, list(zip(contexts, continuations)), mask_id=mask_id,
                                         eos_id=_eos(lm), batch_size=batch_size)
     if method == "exact":
-        values = token_loglikelihood(lm.model, contexts, continuations, batch_size=batch_size, mask_id=mask_id)
-        greedy = _exact_greedy(lm, contexts, continuations, mask_id)
-        return list(values), greedy
+        for (_, cont), ids in zip(pairs, continuations):
+            if len(ids) != 1:
+                raise IlladaError(f"exact scoring needs one-token continuations; {cont!r} is {len(ids)} tokens "
+                                  "(use method 'mc' or 'confidence')")
+        # one pass per distinct context: the candidates of a question share it, and so does is_greedy
+        table = next_token_logprobs(lm.model, contexts, batch_size=batch_size, mask_id=mask_id)
+        rows = [table[tuple(c)] for c in contexts]
+        return ([float(row[r[0]]) for row, r in zip(rows, continuations)],
+                [int(row.argmax()) == r[0] for row, r in zip(rows, continuations)])
     values = mc_loglikelihood(lm.model, contexts, continuations, mc_num=mc_num, batch_size=batch_size,
                               cfg_scale=cfg_scale, mask_id=mask_id, seed=seed)
     return list(values), [False] * len(values)
-
-
-def _exact_greedy(lm, contexts: list[list[int]], continuations: list[list[int]], mask_id: int) -> list[bool]:
-    import torch
-
-    from illada.scoring.likelihood import left_pad_rows
-
-    rows = [c + [mask_id] for c in contexts]
-    ids, attention_mask = left_pad_rows(rows, mask_id, lm.device)
-    with torch.no_grad():
-        top = lm.model(ids, attention_mask=attention_mask)[:, -1].argmax(-1).tolist()
-    return [t == cont[0] for t, cont in zip(top, continuations)]
 
 
 def score(lm, context: str, choices: Sequence[str], *, method: str = "confidence", mc_num: int = 128,

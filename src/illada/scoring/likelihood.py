@@ -182,6 +182,24 @@ def mc_loglikelihood(
 
 
 @torch.no_grad()
+@torch.no_grad()
+def next_token_logprobs(model: nn.Module, contexts: Sequence[Sequence[int]], *, batch_size: int = 32,
+                        mask_id: int | None = None) -> dict[tuple[int, ...], torch.Tensor]:
+    """log p(. | context) at one masked position after each distinct context: (V,) float32 per context, one
+    forward row per distinct context however many candidates share it."""
+    mask_id = resolve_mask_id(model, mask_id)
+    unique = list(dict.fromkeys(tuple(int(t) for t in c) for c in contexts))
+    check_fits(model, [(list(c), [mask_id]) for c in unique])
+    device = model_device(model)
+    out: dict[tuple[int, ...], torch.Tensor] = {}
+    for start in range(0, len(unique), batch_size):
+        chunk = unique[start:start + batch_size]
+        ids, attention_mask = left_pad_rows([list(c) + [mask_id] for c in chunk], mask_id, device)
+        logprobs = torch.log_softmax(model(ids, attention_mask=attention_mask)[:, -1].float(), dim=-1).cpu()
+        out.update(zip(chunk, logprobs))
+    return out
+
+
 def token_loglikelihood(
     model: nn.Module,
     context_ids: Tokens | Sequence[Tokens],
@@ -191,14 +209,14 @@ def token_loglikelihood(
     mask_id: int | None = None,
 ) -> float | list[float]:
     """Exact log p(token | context) for one-token continuations: one pass with the token masked (MMLU-style
-    letter answers, reference §6.3 "single-token MC, mc_num 1")."""
+    letter answers, reference §6.3 "single-token MC, mc_num 1"); candidates sharing a context share its pass."""
     pairs, single = as_pairs(context_ids, continuation_ids)
     for _, cont in pairs:
         if len(cont) != 1:
             raise IlladaError(f"exact scoring needs one-token continuations, got {len(cont)} tokens; "
                               "use method 'mc' or 'confidence'")
-    values = mc_loglikelihood(model, [c for c, _ in pairs], [r for _, r in pairs], mc_num=1,
-                              batch_size=batch_size, mask_id=mask_id)
+    table = next_token_logprobs(model, [c for c, _ in pairs], batch_size=batch_size, mask_id=mask_id)
+    values = [float(table[tuple(c)][r[0]]) for c, r in pairs]
     return values[0] if single else values
 
 
