@@ -133,3 +133,22 @@ def test_chat_template_and_bad_args(checkpoint):
         IlladaLM(pretrained=str(checkpoint), method="bogus")
     with pytest.raises(IlladaError, match="unknown model_args"):
         IlladaLM(pretrained=str(checkpoint), nonsense=1)
+
+
+def test_illada_lm_eval_cli_runs_a_local_task(checkpoint, task_dir, tmp_path):
+    """`illada-lm-eval` (lm_eval's own CLI with our model registered) end to end, in a fresh process."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "results"
+    code = ("import sys; from illada.lm_eval_adapter import main; sys.argv[0] = 'illada-lm-eval'; main()")
+    result = subprocess.run(
+        [sys.executable, "-c", code, "run", "--model", "illada", "--model_args",
+         f"pretrained={checkpoint},method=confidence,device=cpu", "--tasks", "tiny_choice",
+         "--include_path", str(task_dir), "--output_path", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = list(out.rglob("results_*.json"))
+    assert files, result.stdout[-2000:]
+    results = json.loads(files[0].read_text())["results"]["tiny_choice"]
+    assert 0.0 <= results["acc,none"] <= 1.0

@@ -56,6 +56,18 @@ class IlladaLM(LM):
         self.max_new_tokens = int(max_new_tokens)
         self.generation = dict(generation)
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "IlladaLM":
+        # lm_eval's CLI adds its own --device/--batch_size defaults; what the user wrote in model_args wins
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "IlladaLM":
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     # -- identity -----------------------------------------------------------------------------------------------
     @property
     def tokenizer_name(self) -> str:
