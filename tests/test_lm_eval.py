@@ -152,3 +152,11 @@ def test_illada_lm_eval_cli_runs_a_local_task(checkpoint, task_dir, tmp_path):
     assert files, result.stdout[-2000:]
     results = json.loads(files[0].read_text())["results"]["tiny_choice"]
     assert 0.0 <= results["acc,none"] <= 1.0
+
+
+def test_model_args_win_over_lm_eval_cli_defaults(checkpoint):
+    from illada.lm_eval_adapter import IlladaLM
+
+    lm = IlladaLM.create_from_arg_string(f"pretrained={checkpoint},device=cpu,method=exact",
+                                         {"device": "cuda:7", "batch_size": 4, "max_batch_size": None})
+    assert lm.lm.device.type == "cpu" and lm.batch_size == 4 and lm.method == "exact"
