@@ -41,8 +41,7 @@ def training_facts(run: Path) -> dict:
             "recorded_seconds": state.get("train_seconds")}
 
 
-def samples(model_dir: Path) -> list[str]:
-    lm = illada.load(model_dir)
+def samples(lm) -> list[str]:
     blocks = []
     for title, options in MODES.items():
         for prompt in PROMPTS[:2] if "default" in title else PROMPTS[:1]:
@@ -115,7 +114,7 @@ The ELBO is a Monte Carlo estimate ({cfg['eval_mc_samples']} stratified masking 
 Real outputs of the exported bf16 weights loaded in fp32 (`illada generate PROMPT` with the options named; seed 0,
 temperature 0):
 
-{chr(10).join(samples(args.model))}
+{chr(10).join(samples(lm))}
 ## Use
 
 ```python

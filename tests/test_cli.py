@@ -75,7 +75,7 @@ def test_record_gif_is_an_animated_gif(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--record", "out.png"], "must end in .html or .gif"),
-    (["--max-new-tokens", "500", "--fixed-length"], "exceed the context"),
+    (["--max-new-tokens", "500", "--fixed-length"], "exceeds the model context"),
     (["--threshold", "1.5"], "threshold must be in [0, 1]"),
     (["--steps", "0"], "steps must be a positive integer"),
 ])

@@ -62,9 +62,6 @@ class DiffusionLM:
         if chat:
             prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         encoded = [self.tokenizer.encode(p) for p in prompts]
-        longest = max(len(e) for e in encoded)
-        if longest >= self.config.max_seq_len:
-            raise IlladaError(f"prompt of {longest} tokens does not fit the context of {self.config.max_seq_len}")
         pad = self.tokenizer.pad_token_id
         ids, mask = left_pad(encoded, pad if pad is not None else self.mask_token_id)
         return ids.to(self.device), mask.to(self.device)
@@ -82,10 +79,7 @@ class DiffusionLM:
         batch = [prompts] if single else list(prompts)
         ids, mask = self.encode_prompts(batch, chat=chat)
         options = self.sampling_options(options)
-        room = self.config.max_seq_len - ids.shape[1]
-        if options["gen_length"] > room and not options["variable_length"]:
-            raise IlladaError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({options['gen_length']}) exceed "
-                              f"the context of {self.config.max_seq_len}")
+        # the sampler checks prompt + budget against the model's context (illada.sampling.blocks.plan_blocks)
         with torch.inference_mode():
             output = generate(self.model, ids, attention_mask=mask, decode=self.tokenizer.decode, **options)
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in output.generated_tokens()]
@@ -94,16 +88,8 @@ class DiffusionLM:
 
     def chat(self, messages: list[dict], **options) -> str:
         """The assistant's reply to a conversation (list of {"role", "content"}), via the checkpoint's template."""
-        from illada.sampling import generate
-
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
-        if ids.shape[1] >= self.config.max_seq_len:
-            raise IlladaError(f"conversation of {ids.shape[1]} tokens does not fit the context of {self.config.max_seq_len}")
-        with torch.inference_mode():
-            output = generate(self.model, ids, decode=self.tokenizer.decode, **self.sampling_options(options))
-        return self.tokenizer.decode(output.generated_tokens()[0], skip_special_tokens=True).strip()
-
+        return self.generate(prompt, **options).strip()
 
     def score(self, context: str, choices: list[str], *, method: str = "confidence", **options) -> list[float]:
         """One score per choice (higher is better): method "confidence" (iLLaDA §6.2), "mc" (Monte Carlo

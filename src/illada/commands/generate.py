@@ -80,9 +80,6 @@ def run(args: argparse.Namespace) -> int:
     lm = illada.load(args.model, device=args.device, dtype=args.dtype)
     options = lm.sampling_options(sampling_options(args, lm.tokenizer))
     ids, mask = lm.encode_prompts(prompts, chat=args.chat)
-    if not options["variable_length"] and ids.shape[1] + options["gen_length"] > lm.config.max_seq_len:
-        raise IlladaError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens ({options['gen_length']}) exceed the "
-                          f"context of {lm.config.max_seq_len}")
     token_text = _token_text(lm.tokenizer)
     prompt_text = lm.tokenizer.decode(ids[0][mask[0].bool()].tolist())
     start = ids.shape[1]

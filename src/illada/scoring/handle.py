@@ -5,7 +5,7 @@ from typing import Sequence
 
 from illada.errors import IlladaError
 from illada.scoring.confidence import confidence_scores_greedy
-from illada.scoring.likelihood import mc_loglikelihood, next_token_logprobs
+from illada.scoring.likelihood import check_one_token, mc_loglikelihood, next_token_logprobs
 
 METHODS = ("confidence", "mc", "exact")
 
@@ -63,10 +63,7 @@ def score_pairs(lm, pairs: Sequence[tuple[str, str]], *, method: str = "confiden
         return confidence_scores_greedy(lm.model, list(zip(contexts, continuations)), mask_id=mask_id,
                                         eos_id=_eos(lm), batch_size=batch_size)
     if method == "exact":
-        for (_, cont), ids in zip(pairs, continuations):
-            if len(ids) != 1:
-                raise IlladaError(f"exact scoring needs one-token continuations; {cont!r} is {len(ids)} tokens "
-                                  "(use method 'mc' or 'confidence')")
+        check_one_token(continuations)
         # one pass per distinct context: the candidates of a question share it, and so does is_greedy
         table = next_token_logprobs(lm.model, contexts, batch_size=batch_size, mask_id=mask_id)
         rows = [table[tuple(c)] for c in contexts]

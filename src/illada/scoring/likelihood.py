@@ -182,6 +182,13 @@ def mc_loglikelihood(
 
 
 @torch.no_grad()
+def check_one_token(continuations: Sequence[Sequence[int]]) -> None:
+    for cont in continuations:
+        if len(cont) != 1:
+            raise IlladaError(f"exact scoring needs one-token continuations, got {len(cont)} tokens; "
+                              "use method 'mc' or 'confidence'")
+
+
 @torch.no_grad()
 def next_token_logprobs(model: nn.Module, contexts: Sequence[Sequence[int]], *, batch_size: int = 32,
                         mask_id: int | None = None) -> dict[tuple[int, ...], torch.Tensor]:
@@ -211,10 +218,7 @@ def token_loglikelihood(
     """Exact log p(token | context) for one-token continuations: one pass with the token masked (MMLU-style
     letter answers, reference §6.3 "single-token MC, mc_num 1"); candidates sharing a context share its pass."""
     pairs, single = as_pairs(context_ids, continuation_ids)
-    for _, cont in pairs:
-        if len(cont) != 1:
-            raise IlladaError(f"exact scoring needs one-token continuations, got {len(cont)} tokens; "
-                              "use method 'mc' or 'confidence'")
+    check_one_token([r for _, r in pairs])
     table = next_token_logprobs(model, [c for c, _ in pairs], batch_size=batch_size, mask_id=mask_id)
     values = [float(table[tuple(c)][r[0]]) for c, r in pairs]
     return values[0] if single else values

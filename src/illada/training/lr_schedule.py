@@ -42,9 +42,20 @@ def _progress(step: int, start: int, end: int) -> float:
     return min(max((step - start) / (end - start), 0.0), 1.0)
 
 
-def _decay_steps(decay_fraction: float, total_steps: int) -> int:
+def _decay_start(decay_fraction: float, total_steps: int) -> int:
+    """First step of a linear decay over the last `decay_fraction` of the run."""
     # round, not ceil: 0.1 * 300 is 30.000000000000004 in floating point. At least one step when a decay is asked.
-    return max(1, round(decay_fraction * total_steps)) if decay_fraction > 0 else 0
+    decay_steps = max(1, round(decay_fraction * total_steps)) if decay_fraction > 0 else 0
+    return total_steps - decay_steps
+
+
+def _check_tail(warmup_steps: int, decay_fraction: float, total_steps: int) -> None:
+    """The checks shared by the schedules that end in a decay over the last `decay_fraction` of the steps."""
+    _check(isinstance(decay_fraction, (int, float)) and 0 <= decay_fraction <= 1,
+           f"decay_fraction must be in [0, 1], got {decay_fraction!r}")
+    start = _decay_start(decay_fraction, total_steps)
+    _check(warmup_steps <= start,
+           f"warmup_steps ({warmup_steps}) + decay steps ({total_steps - start}) exceed total_steps ({total_steps})")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -96,11 +107,7 @@ class WarmupStableDecay:
 
     def __post_init__(self) -> None:
         _check_common(self.peak_lr, self.min_lr, self.warmup_steps, self.total_steps)
-        _check(isinstance(self.decay_fraction, (int, float)) and 0 <= self.decay_fraction <= 1,
-               f"decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
-        _check(self.warmup_steps <= self.decay_start,
-               f"warmup_steps ({self.warmup_steps}) + decay steps ({self.total_steps - self.decay_start}) exceed "
-               f"total_steps ({self.total_steps})")
+        _check_tail(self.warmup_steps, self.decay_fraction, self.total_steps)
         _check((self.step_down_step is None) == (self.step_down_lr is None),
                "step_down_step and step_down_lr go together")
         if self.step_down_step is not None:
@@ -113,7 +120,7 @@ class WarmupStableDecay:
 
     @property
     def decay_start(self) -> int:
-        return self.total_steps - _decay_steps(self.decay_fraction, self.total_steps)
+        return _decay_start(self.decay_fraction, self.total_steps)
 
     def _stable(self, step: int) -> float:
         if self.step_down_step is not None and step >= self.step_down_step:
@@ -166,15 +173,11 @@ class LinearDecayTail:
 
     def __post_init__(self) -> None:
         _check_common(self.peak_lr, self.min_lr, self.warmup_steps, self.total_steps)
-        _check(isinstance(self.decay_fraction, (int, float)) and 0 <= self.decay_fraction <= 1,
-               f"decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
-        _check(self.warmup_steps <= self.decay_start,
-               f"warmup_steps ({self.warmup_steps}) + decay steps ({self.total_steps - self.decay_start}) exceed "
-               f"total_steps ({self.total_steps})")
+        _check_tail(self.warmup_steps, self.decay_fraction, self.total_steps)
 
     @property
     def decay_start(self) -> int:
-        return self.total_steps - _decay_steps(self.decay_fraction, self.total_steps)
+        return _decay_start(self.decay_fraction, self.total_steps)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -26,6 +26,7 @@ from illada.runtime import resolve_device
 from illada.training.batches import BatchPlan, PackedRows, PairRows, micro_batch_seed
 from illada.training.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from illada.training.config import TrainConfig
+from illada.training.lr_schedule import build_schedule, set_lr
 from illada.training.metrics import MetricsLog, default_peak_flops, flops_per_token, plot_losses
 from illada.training.parallelize import DistEnv, init_distributed, parallelize
 
@@ -41,8 +42,6 @@ class TrainResult:
 
 
 def build_schedule_for(cfg: TrainConfig):
-    from illada.training.lr_schedule import build_schedule
-
     kw = dict(peak_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
     if cfg.schedule == "cosine":
         kw["switch_step"] = cfg.switch_step if cfg.switch_step is not None else int(0.8 * cfg.steps)
@@ -101,18 +100,21 @@ class Trainer:
             # prepare stores a copy of the tokenizer beside the shards: the data stays usable if the original moves
             self.tokenizer_source = str(Path(cfg.data) / copied)
         holdout = 0 if cfg.val_data else cfg.val_rows
-        if cfg.objective == "sft-pairs":
-            if isinstance(dataset, PackedTokens):
-                raise IlladaError("objective sft-pairs needs a 'pairs' dataset (illada prepare --kind sft --sft-format pairs)")
-            self.rows = PairRows(dataset, cfg.seq_len, holdout)
-        else:
-            if not isinstance(dataset, PackedTokens):
-                raise IlladaError(f"objective {cfg.objective} needs a packed dataset; {cfg.data} holds prompt/response pairs")
-            self.rows = PackedRows(dataset, cfg.seq_len, holdout)
+
+        def rows_of(data, path: str, holdout: int) -> PackedRows | PairRows:
+            if cfg.objective == "sft-pairs":
+                if isinstance(data, PackedTokens):
+                    raise IlladaError("objective sft-pairs needs a 'pairs' dataset "
+                                      "(illada prepare --kind sft --sft-format pairs)")
+                return PairRows(data, cfg.seq_len, holdout)
+            if not isinstance(data, PackedTokens):
+                raise IlladaError(f"objective {cfg.objective} needs a packed dataset; {path} holds prompt/response pairs")
+            return PackedRows(data, cfg.seq_len, holdout)
+
+        self.rows = rows_of(dataset, cfg.data, holdout)
         self.val_source = self.rows
         if cfg.val_data:
-            val = open_dataset(cfg.val_data)
-            self.val_source = (PairRows(val, cfg.seq_len, 0) if cfg.objective == "sft-pairs" else PackedRows(val, cfg.seq_len, 0))
+            self.val_source = rows_of(open_dataset(cfg.val_data), cfg.val_data, 0)
             self.val_source.holdout, self.val_source.train_rows = self.val_source.train_rows, 0
         self.vocab_size = dataset.manifest["vocab_size"]
         self.eos_token_id = dataset.eos_token_id
@@ -211,8 +213,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- steps
     def _set_lr(self, step: int) -> float:
         lr = float(self.schedule(step))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         return lr
 
     def _micro_batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -272,8 +273,8 @@ class Trainer:
                     value, _ = self.objective(self.wrapped, batch, generator)
             losses.append(float(value))
         self.model.train()
-        local = torch.tensor(float(np.mean(losses)) if losses else float("nan"), device=self.device)
-        return float(local.item())
+        # every rank scores the same validation rows, so the local mean is the global one
+        return float(np.mean(losses)) if losses else float("nan")
 
     # -------------------------------------------------------------------------------------------------- loop
     def _install_signal_handlers(self):
