@@ -3,23 +3,18 @@ and compare what it shows with the library's own generation. Saves a screenshot 
 
 Browser: $ILLADA_CHROMIUM, else Playwright's own Chromium if installed, else a system Chromium/Chrome on PATH
 (CI installs Debian's `chromium`); the test skips only when none is found."""
-import math
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from test_serve import Slow  # pytest puts tests/ on sys.path
-import torch
+from test_serve import Slow, tiny_handle  # pytest puts tests/ on sys.path
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("uvicorn")
 
 from illada.api import DiffusionLM  # noqa: E402
-from illada.config import preset  # noqa: E402
-from illada.model import build_model  # noqa: E402
 from illada.serving import ServerSettings, create_app, serve_in_thread  # noqa: E402
-from illada.tokenizer import byte_level_tokenizer  # noqa: E402
 
 KEY = "playground-key"
 
@@ -35,21 +30,6 @@ def find_browser(playwright) -> str | None:
                                                    "google-chrome", "chrome")]
     return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
 
-
-
-def tiny_handle() -> DiffusionLM:
-    tok = byte_level_tokenizer()
-    config = preset("tiny", name="tiny-playground", vocab_size=tok.vocab_size, max_seq_len=256,
-                    tie_word_embeddings=False, mask_token_id=tok.mask_token_id, bos_token_id=tok.bos_token_id,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = build_model(config, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1 / math.sqrt(p.shape[1]), generator=gen)
-        model.lm_head.weight.mul_(3.0)
-    return DiffusionLM(model=model.eval(), tokenizer=tok, config=config, name="tiny-playground")
 
 
 def test_playground_shows_the_denoising(tmp_path):
@@ -69,7 +49,7 @@ def test_playground_shows_the_denoising(tmp_path):
             with serve_in_thread(app) as url:
                 page = browser.new_page(viewport={"width": 1200, "height": 700})
                 page.goto(url + "/")
-                page.wait_for_function("document.getElementById('model').textContent === 'tiny-playground'")
+                page.wait_for_function(f"document.getElementById('model').textContent === '{lm.name}'")
                 page.fill("#api_key", KEY)
                 page.fill("#prompt", "ROMEO:")
                 page.fill("#max_tokens", "32")
