@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "tokenise text / chat corpora into packed training shards"),
     "train": ("train", "pre-train a masked diffusion (or autoregressive) model"),
     "sft": ("sft", "supervised fine-tuning"),
+    "tasks": ("tasks", "verifiable synthetic tasks (arithmetic, sudoku, reversal facts) as training / eval JSONL"),
 }
 
 

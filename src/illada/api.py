@@ -70,8 +70,9 @@ class DiffusionLM:
         """Continue each prompt; returns the generated text (a str for a str prompt, else a list).
 
         Options are `illada.sampling.SamplingConfig` fields (max_new_tokens, steps, block_length, remasking,
-        temperature, cfg_scale, variable_length, threshold, factor, cache, stop_strings, ...). With
-        `return_output=True` returns (texts, GenerationOutput) instead.
+        temperature, cfg_scale, variable_length, threshold, factor, cache, stop_strings, ...). A causal model
+        (`--objective ar`) decodes greedily with a KV cache until EOS, within max_new_tokens and the context.
+        With `return_output=True` returns (texts, GenerationOutput) instead.
         """
         from illada.sampling import generate
 
@@ -79,10 +80,52 @@ class DiffusionLM:
         batch = [prompts] if single else list(prompts)
         ids, mask = self.encode_prompts(batch, chat=chat)
         options = self.sampling_options(options)
-        # the sampler checks prompt + budget against the model's context (illada.sampling.blocks.plan_blocks)
         with torch.inference_mode():
-            output = generate(self.model, ids, attention_mask=mask, decode=self.tokenizer.decode, **options)
+            if self.config.causal:  # an autoregressive twin: greedy left to right, the diffusion knobs do not apply
+                from illada.sampling.autoregressive import greedy_generate_ar
+
+                budget = min(options["gen_length"], self.config.max_seq_len - ids.shape[1])
+                output = greedy_generate_ar(self.model, ids, budget, eos_token_id=options["eos_token_id"],
+                                            attention_mask=mask)
+            else:
+                # the sampler checks prompt + budget against the context (illada.sampling.blocks.plan_blocks)
+                output = generate(self.model, ids, attention_mask=mask, decode=self.tokenizer.decode, **options)
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in output.generated_tokens()]
+        result = texts[0] if single else texts
+        return (result, output) if return_output else result
+
+    def infill(self, prefix: str | list[str], suffix: str | list[str], length: int | list[int], *,
+               threshold: float | None = None, return_output: bool = False):
+        """The `length` tokens between `prefix` and `suffix` (each a str, or lists for a batch), filled by the
+        bidirectional model (`illada.sampling.fill_masks`); the prefix and suffix are never changed."""
+        from illada.sampling import fill_masks, left_pad
+
+        if self.config.causal:
+            raise IlladaError(f"model {self.name} is causal (autoregressive): it cannot fill a gap before a suffix")
+        single = isinstance(prefix, str)
+        prefixes, suffixes = ([prefix], [suffix]) if single else (list(prefix), list(suffix))
+        lengths = [length] * len(prefixes) if isinstance(length, int) else list(length)
+        if not len(prefixes) == len(suffixes) == len(lengths):
+            raise IlladaError("infill: prefix, suffix and length lists must have the same length")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+            raise IlladaError(f"infill: lengths must be positive integers, got {lengths}")
+        mask_id, tok = self.mask_token_id, self.tokenizer
+        rows = [(tok.encode(p) if p else [], tok.encode(q) if q else [], n)
+                for p, q, n in zip(prefixes, suffixes, lengths)]
+        canvases = [p + [mask_id] * n + q for p, q, n in rows]
+        if max(len(c) for c in canvases) > self.config.max_seq_len:
+            raise IlladaError(f"infill: text + gap ({max(len(c) for c in canvases)} tokens) exceeds the context "
+                              f"({self.config.max_seq_len})")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else mask_id
+        ids, mask = left_pad(canvases, pad)
+        with torch.inference_mode():
+            output = fill_masks(self.model, ids.to(self.device), mask_id, attention_mask=mask.to(self.device),
+                                threshold=threshold)
+        width = ids.shape[1]
+        texts = []
+        for row, (p, q, n) in enumerate(rows):
+            start = width - len(q) - n
+            texts.append(tok.decode(output.sequences[row, start:start + n].tolist(), skip_special_tokens=True))
         result = texts[0] if single else texts
         return (result, output) if return_output else result
 

@@ -25,6 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--block-length", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    g = parser.add_argument_group("sampling (generation tasks; default: the preset's, one token per pass, greedy)")
+    g.add_argument("--variable-length", dest="variable_length", action="store_true", default=None,
+                   help="append blocks until EOS or a stop string (iLLaDA)")
+    g.add_argument("--fixed-length", dest="variable_length", action="store_false",
+                   help="one canvas of max-new-tokens masks (LLaDA)")
+    g.add_argument("--threshold", type=float, default=None, help="parallel decoding: commit all above this confidence")
+    g.add_argument("--factor", type=float, default=None, help="parallel decoding: factor rule")
+    g.add_argument("--cache", default=None, choices=["none", "prefix", "dual"], help="approximate KV cache")
+    g.add_argument("--remasking", default=None, choices=["low_confidence", "random", "margin", "entropy"])
+    g.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N samples")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval test program")
@@ -40,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     preset = get_preset(args.task, instruct=args.instruct)
     preset = preset.replace(method=args.method, num_fewshot=args.num_fewshot, mc_num=args.mc_num,
-                            max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps)
+                            max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps,
+                            variable_length=args.variable_length, threshold=args.threshold, factor=args.factor,
+                            cache=args.cache, remasking=args.remasking, temperature=args.temperature)
     samples = load_samples(args.data, preset.kind)
     fewshot = load_samples(args.fewshot_data, preset.kind) if args.fewshot_data else None
     out = Path(args.out) if args.out else None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from illada.errors import IlladaError
 
-KINDS = ("multiple_choice", "mmlu", "gsm8k", "humaneval")
+KINDS = ("multiple_choice", "mmlu", "gsm8k", "humaneval", "exact")
 METHODS = ("confidence", "mc", "exact", "generate")
 
 
@@ -39,6 +39,12 @@ class TaskPreset:
     stop: tuple[str, ...] = ()
     end_think_boost: float = 0.0
     end_think_power: float = 3.0
+    # parallel decoding and the rest of the sampler (the paper's protocols: one token per pass, greedy)
+    threshold: float | None = None
+    factor: float | None = None
+    cache: str = "none"
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -53,7 +59,7 @@ class TaskPreset:
             raise IlladaError(f"task kind {self.kind!r} unknown; choose from {', '.join(KINDS)}")
         if self.method not in METHODS:
             raise IlladaError(f"method {self.method!r} unknown; choose from {', '.join(METHODS)}")
-        generative = self.kind in ("gsm8k", "humaneval")
+        generative = self.kind in ("gsm8k", "humaneval", "exact")
         if generative and self.method != "generate":
             raise IlladaError(f"task {self.name}: {self.kind} is scored by generation (method 'generate')")
         if self.kind == "multiple_choice" and self.method == "generate":
@@ -61,11 +67,17 @@ class TaskPreset:
                               "for letter answers")
         if self.num_fewshot < 0 or self.mc_num < 1 or self.max_new_tokens < 1 or self.block_length < 1:
             raise IlladaError(f"task {self.name}: num_fewshot >= 0, mc_num, max_new_tokens, block_length >= 1")
+        if generative:  # the sampler's own checks, before any model is loaded
+            from illada.sampling import SamplingConfig
+
+            options = self.sampling_options()
+            SamplingConfig(**{**options, "steps": options["steps"] or options["block_length"]})
 
     def sampling_options(self) -> dict:
-        """Options for `DiffusionLM.generate` (greedy, no CFG, as in the paper)."""
+        """Options for `DiffusionLM.generate` (by default greedy, no CFG, one token per pass, as in the paper)."""
         return dict(max_new_tokens=self.max_new_tokens, block_length=self.block_length, steps=self.steps,
-                    variable_length=self.variable_length, temperature=0.0, stop_strings=self.stop)
+                    variable_length=self.variable_length, temperature=self.temperature, stop_strings=self.stop,
+                    threshold=self.threshold, factor=self.factor, cache=self.cache, remasking=self.remasking)
 
 
 _BASE = [
@@ -81,6 +93,9 @@ _BASE = [
     TaskPreset("cmmlu", "mmlu", "exact", num_fewshot=5, description="CMMLU protocol (as MMLU)"),
     TaskPreset("gsm8k", "gsm8k", "generate", num_fewshot=8, max_new_tokens=1024, block_length=32, steps=32,
                stop=("Question:",), description="GSM8K: 8-shot, variable-length generation, gen 1024 / block 32"),
+    TaskPreset("exact", "exact", "generate", max_new_tokens=64, block_length=32, steps=32,
+               description="exact match of the generated text with `answer` (`prompt` [+ `suffix`: the gap between "
+                           "them is filled, as many tokens as the answer]); variable length, block 32"),
     TaskPreset("humaneval", "humaneval", "generate", max_new_tokens=512, block_length=512, steps=512,
                variable_length=False, stop=("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"),
                description="HumanEval: one fixed 512-token block, tests in a sandbox, pass@1"),

@@ -29,6 +29,7 @@ class EvalResult:
     seconds: float
     forward_passes: int  # model calls
     sequence_passes: int  # rows through the model (a call on a batch of B rows counts B)
+    generated_tokens: int = 0  # generation tasks: tokens generated (up to each row's stop), all samples
     settings: dict = field(default_factory=dict)
     records: list[dict] = field(default_factory=list, repr=False)
 
@@ -36,6 +37,10 @@ class EvalResult:
         data = asdict(self)
         data.pop("records")
         data["sequence_passes_per_sample"] = self.sequence_passes / self.n if self.n else 0.0
+        if self.generated_tokens:
+            # per row: a forward pass over a batch of B rows advances each of them
+            data["tokens_per_forward"] = self.generated_tokens / max(self.sequence_passes, 1)
+            data["tokens_per_second"] = self.generated_tokens / self.seconds if self.seconds else 0.0
         return data
 
 
@@ -138,7 +143,8 @@ def evaluate(lm, preset: TaskPreset, samples: list[dict], *, fewshot_pool: list[
     stderr = math.sqrt(score * (1 - score) / (n - 1)) if n > 1 else float("nan")
     return EvalResult(task=preset.name, model=lm.name, metric=metric, score=score, stderr=stderr, n=n,
                       seconds=time.perf_counter() - began, forward_passes=counts["calls"],
-                      sequence_passes=counts["rows"], settings=asdict(preset), records=records)
+                      sequence_passes=counts["rows"], generated_tokens=sum(r.get("generated_tokens", 0) for r in records),
+                      settings=asdict(preset), records=records)
 
 
 def _score_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[dict]], seed: int) -> list[dict]:
@@ -173,6 +179,8 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
         elif preset.kind == "gsm8k":
             prompt = (tok.apply_chat_template(tasks.gsm8k_messages(sample, demo)) if preset.chat
                       else tasks.gsm8k_prompt(sample, demo))
+        elif preset.kind == "exact":
+            prompt = sample["prompt"]
         else:
             prompt = tok.apply_chat_template(tasks.humaneval_messages(sample)) if preset.chat else sample["prompt"]
         prompts.append(prompt)
@@ -180,12 +188,28 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
     if preset.end_think_boost:
         options.update(end_think_ids=tok.encode("</think>"), end_think_boost=preset.end_think_boost,
                        end_think_power=preset.end_think_power)
-    outputs = lm.generate(prompts, seed=seed, **options)
+    outputs: list[str] = [""] * len(chunk)
+    lengths = [0] * len(chunk)  # generated tokens of each row, up to its stop
+    gaps = [i for i, sample in enumerate(chunk) if "suffix" in sample]
+    if gaps:  # holes before a suffix: filled in place, as many tokens as the answer has
+        sizes = [len(tok.encode(chunk[i]["answer"])) for i in gaps]
+        filled = lm.infill([prompts[i] for i in gaps], [chunk[i]["suffix"] for i in gaps], sizes,
+                           threshold=preset.threshold)
+        for i, text, size in zip(gaps, filled, sizes):
+            outputs[i], lengths[i] = text, size
+    rest = [i for i in range(len(chunk)) if i not in set(gaps)]
+    if rest:
+        texts, out = lm.generate([prompts[i] for i in rest], seed=seed, return_output=True, **options)
+        for i, text, size in zip(rest, texts, out.generated_lengths.tolist()):
+            outputs[i], lengths[i] = text, int(size)
     records = []
-    for sample, prompt, output in zip(chunk, prompts, outputs):
+    for sample, prompt, output, size in zip(chunk, prompts, outputs, lengths):
         output = _cut_at_stop(output, preset.stop)
-        record = {"prompt": prompt, "output": output}
-        if preset.kind == "mmlu":
+        record = {"prompt": prompt, "output": output, "generated_tokens": size}
+        if preset.kind == "exact":
+            record.update(target=sample["answer"],
+                          correct=tasks.exact_normal(output) == tasks.exact_normal(sample["answer"]))
+        elif preset.kind == "mmlu":
             letter = extract_letter(output, len(sample["choices"]))
             target = tasks.LETTERS[sample["answer"]]
             record.update(extracted=letter, target=target, correct=letter == target)
@@ -219,10 +243,14 @@ def print_table(results: list[EvalResult], file=None) -> None:
     from rich.table import Table
 
     table = Table(title="illada eval")
-    for column in ("task", "method", "metric", "value", "± stderr", "n", "passes/sample", "seconds"):
+    for column in ("task", "method", "metric", "value", "± stderr", "n", "passes/sample", "tokens/pass", "tokens/s",
+                   "seconds"):
         table.add_column(column, justify="left" if column in ("task", "method", "metric") else "right")
     for r in results:
+        data = r.to_dict()
         table.add_row(r.task, r.settings.get("method", ""), r.metric, f"{r.score:.4f}",
                       "-" if math.isnan(r.stderr) else f"{r.stderr:.4f}", str(r.n),
-                      f"{r.sequence_passes / max(r.n, 1):.1f}", f"{r.seconds:.1f}")
+                      f"{r.sequence_passes / max(r.n, 1):.1f}",
+                      f"{data['tokens_per_forward']:.2f}" if "tokens_per_forward" in data else "-",
+                      f"{data['tokens_per_second']:.1f}" if "tokens_per_second" in data else "-", f"{r.seconds:.1f}")
     Console(file=file or sys.stdout).print(table)

@@ -5,7 +5,9 @@ Formats, one JSON object per line:
   "A".."Z"); optional `subject` (MMLU header). `mmlu` also takes the options inside the question instead of
   `choices` ("...\nA. ..\nB. ..\nAnswer:", the format of MMLU exports such as OpenAI's evals);
 - `gsm8k`: `question`, `answer` (text ending in `#### <number>`, or just the number);
-- `humaneval`: `task_id`, `prompt` (signature + docstring), `test` (defines `check(candidate)`), `entry_point`.
+- `humaneval`: `task_id`, `prompt` (signature + docstring), `test` (defines `check(candidate)`), `entry_point`;
+- `exact`: `prompt`, `answer` (the exact expected text), optional `suffix`: then the answer is the gap between
+  prompt and suffix, filled by a bidirectional model with as many tokens as the answer has.
 """
 from __future__ import annotations
 
@@ -91,6 +93,14 @@ def normalize_sample(record: dict, kind: str, where: str = "sample") -> dict:
         return dict(record, target=target)
     if kind == "humaneval":
         _need(record, ("task_id", "prompt", "test", "entry_point"), where)
+        return dict(record)
+    if kind == "exact":
+        _need(record, ("prompt", "answer"), where)
+        for key in ("prompt", "answer", "suffix"):
+            if key in record and not isinstance(record[key], str):
+                raise IlladaError(f"{where}: {key} must be a string")
+        if not record["answer"].strip():
+            raise IlladaError(f"{where}: empty answer")
         return dict(record)
     raise IlladaError(f"unknown task kind {kind!r}")
 
@@ -182,6 +192,12 @@ def gsm8k_messages(sample: dict, shots: list[dict]) -> list[dict]:
         messages += [{"role": "user", "content": GSM8K_INSTRUCTION + s["question"].strip()},
                      {"role": "assistant", "content": str(s["answer"]).strip()}]
     return messages + [{"role": "user", "content": GSM8K_INSTRUCTION + sample["question"].strip()}]
+
+
+def exact_normal(text: str) -> str:
+    """The form compared by the `exact` metric: surrounding whitespace and one final period removed."""
+    text = text.strip()
+    return text[:-1].rstrip() if text.endswith(".") else text
 
 
 def humaneval_messages(sample: dict) -> list[dict]:

@@ -23,13 +23,20 @@ class _GrowingCache:
         self.values = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layers)]
 
 
-def _forward_new(model: Transformer, ids: torch.Tensor, start: int, cache: _GrowingCache) -> torch.Tensor:
-    """Logits (B, V) of the last of tokens `ids` (B, n) placed at positions start..start+n-1; their keys/values are
-    written into the cache. Only the prefill (start 0) has n > 1."""
+def _forward_new(model: Transformer, ids: torch.Tensor, start: int, cache: _GrowingCache,
+                 positions: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """Logits (B, V) of the last of tokens `ids` (B, n) placed in cache columns start..start+n-1 at rotary
+    `positions` (B, n); their keys/values are written into the cache. Only the prefill (start 0) has n > 1.
+    `key_valid` (B, start+n): False for left-padding columns, None when there is no padding."""
     cfg = model.config
     b, n = ids.shape
-    positions = torch.arange(start, start + n, device=ids.device).expand(b, n)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    mask = None
+    if key_valid is not None:  # causal over the columns, and never a padding key
+        causal = torch.ones(n, start + n, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+        itself = torch.zeros_like(causal)
+        itself[torch.arange(n), start + torch.arange(n)] = True  # a padding query sees itself: finite, never NaN
+        mask = (causal[None, None] & key_valid[:, None, None, :]) | itself
     x = model.embed_tokens(ids)
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
@@ -41,8 +48,9 @@ def _forward_new(model: Transformer, ids: torch.Tensor, start: int, cache: _Grow
         cache.keys[i][:, :, start:start + n] = k
         cache.values[i][:, :, start:start + n] = v
         keys, values = cache.keys[i][:, :, :start + n], cache.values[i][:, :, :start + n]
-        # Prefill: causal over the prompt. A single new token attends to everything before it: no mask needed.
-        y = F.scaled_dot_product_attention(q, keys, values, is_causal=n > 1,
+        # Prefill: causal over the prompt. A single new token attends to everything before it: no mask needed
+        # unless the batch is padded.
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and n > 1,
                                            enable_gqa=cfg.n_kv_heads != cfg.n_heads)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(b, n, cfg.n_heads * cfg.head_dim))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -51,8 +59,9 @@ def _forward_new(model: Transformer, ids: torch.Tensor, start: int, cache: _Grow
 
 @torch.no_grad()
 def greedy_generate_ar(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int,
-                       eos_token_id: int | None = None) -> GenerationOutput:
-    """Greedy continuation of unpadded prompts (B, P) by a causal model; stops when every row has emitted EOS.
+                       eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None) -> GenerationOutput:
+    """Greedy continuation of prompts (B, P), left-padded with `attention_mask` (B, P) as in `generate`, by a
+    causal model; stops when every row has emitted EOS. A padded row gives what it gives alone.
 
     `nfe` counts forward passes (prefill + one per further token)."""
     cfg = model.config
@@ -66,10 +75,22 @@ def greedy_generate_ar(model: Transformer, prompt_ids: torch.Tensor, max_new_tok
     if p < 1 or p + max_new_tokens > cfg.max_seq_len:
         raise IlladaError(f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) must fit the context "
                           f"({cfg.max_seq_len}) and the prompt must not be empty")
+    key_valid = None
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask, device=device).bool()
+        if attention_mask.shape != prompt_ids.shape:
+            raise IlladaError("attention_mask must have the shape of prompt_ids")
+        if not bool(attention_mask.all()):
+            key_valid = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], dim=1)
+    if key_valid is None:
+        positions = torch.arange(p, device=device).expand(b, p)
+    else:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    next_position = positions[:, -1:] + 1
     cache = _GrowingCache(model, b, p + max_new_tokens)
     out = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    logits = _forward_new(model, prompt_ids, 0, cache)
+    logits = _forward_new(model, prompt_ids, 0, cache, positions, None if key_valid is None else key_valid[:, :p])
     nfe, produced = 1, 0
     for t in range(max_new_tokens):
         token = logits.argmax(-1)
@@ -80,7 +101,9 @@ def greedy_generate_ar(model: Transformer, prompt_ids: torch.Tensor, max_new_tok
             if bool(finished.all()):
                 break
         if t + 1 < max_new_tokens:
-            logits = _forward_new(model, token[:, None], p + t, cache)
+            column = p + t
+            logits = _forward_new(model, token[:, None], column, cache, next_position + t,
+                                  None if key_valid is None else key_valid[:, :column + 1])
             nfe += 1
     gen = out[:, :produced]
     if eos_token_id is not None:
