@@ -194,15 +194,23 @@ HUMANEVAL = [
 ]
 
 
+def with_output(texts: list[str]):
+    """(texts, a GenerationOutput stand-in) as `DiffusionLM.generate(..., return_output=True)` returns them."""
+    import torch
+
+    lengths = torch.tensor([len(t) for t in texts])
+    return texts, type("Output", (), {"generated_lengths": lengths, "row_nfe": lengths, "nfe": int(lengths.max())})()
+
+
 def test_humaneval_runner_scores_in_the_sandbox(monkeypatch, tmp_path):
     lm = tiny_lm()
     completions = {"def add": "    return a + b\n\ndef helper():\n    pass",  # cut at the "\ndef " stop
                    "def neg": "    while True:\n        pass\n",  # killed by the timeout
                    "def one": "    return 2\n"}  # wrong
 
-    def fake_generate(prompts, **options):
+    def fake_generate(prompts, return_output=False, **options):
         assert options["variable_length"] is False and options["max_new_tokens"] == 512
-        return [next(v for k, v in completions.items() if p.startswith(k)) for p in prompts]
+        return with_output([next(v for k, v in completions.items() if p.startswith(k)) for p in prompts])
 
     monkeypatch.setattr(lm, "generate", fake_generate)
     log = tmp_path / "log.jsonl"
@@ -221,9 +229,10 @@ def test_gsm8k_runner_extracts_and_logs(monkeypatch, tmp_path):
     outputs = {"What is 1 + 1?": "1 + 1 = 2\n#### 2\n\nQuestion: more", "What is 2 + 2?": "#### 5",
                "What is 600 + 600?": "600 + 600 = 1200\n#### 1,200 apples"}
 
-    def fake_generate(prompts, **options):
+    def fake_generate(prompts, return_output=False, **options):
         assert options["stop_strings"] == ("Question:",) and options["block_length"] == 32
-        return [next(v for k, v in outputs.items() if p.endswith(f"Question: {k}\nAnswer:")) for p in prompts]
+        return with_output([next(v for k, v in outputs.items() if p.endswith(f"Question: {k}\nAnswer:"))
+                            for p in prompts])
 
     monkeypatch.setattr(lm, "generate", fake_generate)
     result = evaluate(lm, PRESETS["gsm8k"].replace(num_fewshot=2), samples, log_path=tmp_path / "l.jsonl",

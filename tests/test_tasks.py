@@ -220,9 +220,12 @@ def test_each_task_evaluates_end_to_end(causal):
 def test_exact_metric_counts_a_right_answer():
     lm = tiny_lm()
     records = [{"prompt": "Q", "answer": "abc."}, {"prompt": "R", "answer": "xyz"}]
-    lm.generate = lambda prompts, **kw: ([" abc\n", "xy"], type("O", (), {"generated_lengths": torch.tensor([4, 2])})())
+    fake = type("O", (), {"generated_lengths": torch.tensor([4, 2]), "row_nfe": torch.tensor([2, 1]), "nfe": 2})()
+    lm.generate = lambda prompts, **kw: ([" abc\n", "xy"], fake)
     result = evaluate(lm, get_preset("exact"), records, progress=False)
     assert [r["correct"] for r in result.records] == [True, False] and result.score == 0.5
+    # tokens per forward: 6 tokens over the 3 passes that worked on a row; rows through the model: 2 passes x 2
+    assert result.to_dict()["tokens_per_forward"] == 2.0 and result.sequence_passes == 4
 
 
 # -------------------------------------------------------------------------------------------- infill and AR

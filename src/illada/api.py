@@ -163,7 +163,8 @@ def _random_stand_in(device: torch.device, dtype: torch.dtype | None) -> Diffusi
 
 def load(path_or_name: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, mask_token_id: int | None = None) -> DiffusionLM:
-    """Load a checkpoint directory (iLLaDA or LLaDA layout) or a bundled model by name (default: the demo model).
+    """Load a checkpoint directory (iLLaDA or LLaDA layout), a training run directory (its latest checkpoint) or
+    a bundled model by name (default: the demo model).
 
     device: 'cpu', 'cuda', 'cuda:1' or None/'auto'. dtype: 'bf16'/'fp16'/'fp32', or None: the checkpoint's own
     dtype on GPU and float32 on CPU (CPU bf16 matmuls are slow and lose precision).
@@ -186,6 +187,13 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
         if not path.exists():
             raise IlladaError(f"no model at {name!r}: not a directory and not a bundled model "
                               f"({', '.join(sorted(bundled))})")
+        if not (path / "config.json").exists() and (path / "checkpoints").is_dir():  # a training run directory
+            from illada.training.checkpointing import latest_checkpoint
+
+            latest = latest_checkpoint(path)
+            if latest is None:
+                raise IlladaError(f"{path} is a training run without a finished checkpoint yet")
+            path = latest
     model, config = load_checkpoint(path, device=device_, dtype=dtype_)
     tokenizer = Tokenizer.from_dir(path, mask_token_id=mask_token_id)
     if mask_token_id is not None:

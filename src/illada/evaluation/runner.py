@@ -30,6 +30,7 @@ class EvalResult:
     forward_passes: int  # model calls
     sequence_passes: int  # rows through the model (a call on a batch of B rows counts B)
     generated_tokens: int = 0  # generation tasks: tokens generated (up to each row's stop), all samples
+    row_passes: int = 0  # generation tasks: forward passes that worked on each sample, summed (batch-independent)
     settings: dict = field(default_factory=dict)
     records: list[dict] = field(default_factory=list, repr=False)
 
@@ -38,8 +39,9 @@ class EvalResult:
         data.pop("records")
         data["sequence_passes_per_sample"] = self.sequence_passes / self.n if self.n else 0.0
         if self.generated_tokens:
-            # per row: a forward pass over a batch of B rows advances each of them
-            data["tokens_per_forward"] = self.generated_tokens / max(self.sequence_passes, 1)
+            # tokens per forward of each sequence (as at batch size 1): generated tokens / the passes that worked
+            # on it; rows that finished early and ride along in their batch are not counted
+            data["tokens_per_forward"] = self.generated_tokens / max(self.row_passes, 1)
             data["tokens_per_second"] = self.generated_tokens / self.seconds if self.seconds else 0.0
         return data
 
@@ -140,10 +142,14 @@ def evaluate(lm, preset: TaskPreset, samples: list[dict], *, fewshot_pool: list[
             log.close()
     n = len(records)
     score = sum(r["correct"] for r in records) / n
+    if preset.method == "generate":  # the AR decoder runs the modules itself, out of reach of the hooks
+        counts["rows"] = max(counts["rows"], sum(r["batch_row_passes"] for r in records))
+        counts["calls"] = max(counts["calls"], sum(r["batch_nfe"] for r in records))
     stderr = math.sqrt(score * (1 - score) / (n - 1)) if n > 1 else float("nan")
     return EvalResult(task=preset.name, model=lm.name, metric=metric, score=score, stderr=stderr, n=n,
                       seconds=time.perf_counter() - began, forward_passes=counts["calls"],
                       sequence_passes=counts["rows"], generated_tokens=sum(r.get("generated_tokens", 0) for r in records),
+                      row_passes=sum(r.get("passes", 0) for r in records),
                       settings=asdict(preset), records=records)
 
 
@@ -190,22 +196,28 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
                        end_think_power=preset.end_think_power)
     outputs: list[str] = [""] * len(chunk)
     lengths = [0] * len(chunk)  # generated tokens of each row, up to its stop
+    passes = [0] * len(chunk)
+    batch_nfe = batch_passes = 0  # passes, and rows through the model (a pass over B rows counts B)
     gaps = [i for i, sample in enumerate(chunk) if "suffix" in sample]
     if gaps:  # holes before a suffix: filled in place, as many tokens as the answer has
         sizes = [len(tok.encode(chunk[i]["answer"])) for i in gaps]
-        filled = lm.infill([prompts[i] for i in gaps], [chunk[i]["suffix"] for i in gaps], sizes,
-                           threshold=preset.threshold)
-        for i, text, size in zip(gaps, filled, sizes):
-            outputs[i], lengths[i] = text, size
+        filled, out = lm.infill([prompts[i] for i in gaps], [chunk[i]["suffix"] for i in gaps], sizes,
+                                threshold=preset.threshold, return_output=True)
+        for i, text, size, own in zip(gaps, filled, sizes, out.row_nfe.tolist()):
+            outputs[i], lengths[i], passes[i] = text, size, own
+        batch_passes, batch_nfe = batch_passes + out.nfe * len(gaps), batch_nfe + out.nfe
     rest = [i for i in range(len(chunk)) if i not in set(gaps)]
     if rest:
         texts, out = lm.generate([prompts[i] for i in rest], seed=seed, return_output=True, **options)
-        for i, text, size in zip(rest, texts, out.generated_lengths.tolist()):
-            outputs[i], lengths[i] = text, int(size)
+        for i, text, size, own in zip(rest, texts, out.generated_lengths.tolist(), out.row_nfe.tolist()):
+            outputs[i], lengths[i], passes[i] = text, int(size), int(own)
+        batch_passes, batch_nfe = batch_passes + out.nfe * len(rest), batch_nfe + out.nfe
     records = []
-    for sample, prompt, output, size in zip(chunk, prompts, outputs, lengths):
+    for index, (sample, prompt, output) in enumerate(zip(chunk, prompts, outputs)):
         output = _cut_at_stop(output, preset.stop)
-        record = {"prompt": prompt, "output": output, "generated_tokens": size}
+        # passes: the forward passes that worked on this row; the batch's row-passes go on its first record
+        record = {"prompt": prompt, "output": output, "generated_tokens": lengths[index], "passes": passes[index],
+                  "batch_nfe": batch_nfe if index == 0 else 0, "batch_row_passes": batch_passes if index == 0 else 0}
         if preset.kind == "exact":
             record.update(target=sample["answer"],
                           correct=tasks.exact_normal(output) == tasks.exact_normal(sample["answer"]))

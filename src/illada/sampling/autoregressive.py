@@ -111,5 +111,7 @@ def greedy_generate_ar(model: Transformer, prompt_ids: torch.Tensor, max_new_tok
         lengths = torch.where(is_eos.any(-1), is_eos.long().argmax(-1), torch.full((b,), produced, device=device))
     else:
         lengths = torch.full((b,), produced, device=device)
+    # a row's own passes: one per token it generated, its EOS included (the prefill gives the first)
+    row_nfe = torch.clamp(lengths + 1, max=nfe) if eos_token_id is not None else torch.full_like(lengths, nfe)
     return GenerationOutput(sequences=torch.cat([prompt_ids, gen], dim=1), nfe=nfe, generated_lengths=lengths,
-                            tokens_per_forward=produced / nfe, prompt_length=p)
+                            tokens_per_forward=produced / nfe, prompt_length=p, row_nfe=row_nfe)

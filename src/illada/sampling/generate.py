@@ -134,6 +134,7 @@ class GenerationOutput:
     tokens_per_forward: float  # committed tokens per row per forward pass
     prompt_length: int  # P: the generation of every row starts at this column
     history: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per step: (canvas, step_of), as in StepEvent
+    row_nfe: torch.Tensor | None = None  # (B,) passes that had work for each row (a finished row rides along free)
 
     def generated_tokens(self) -> list[list[int]]:
         """Each row's generation up to its stop point."""
@@ -294,6 +295,7 @@ class _Decoder:
         active = torch.ones(b, dtype=torch.bool, device=device)
         stop_len = torch.full((b,), -1, dtype=torch.long, device=device)
         committed_total = torch.zeros(b, dtype=torch.long, device=device)
+        row_nfe = torch.zeros(b, dtype=torch.long, device=device)
         forward = BlockForward(self.model, cfg.cache, cfg.cache_refresh)
         neg_inf_eos = cfg.eos_confidence == "neg_inf" and bool(self.eos_ids)
         eos_tensor = torch.tensor(self.eos_ids, device=device, dtype=torch.long)
@@ -311,6 +313,7 @@ class _Decoder:
             while eligible.any():
                 if i > plan.block_length + plan.steps_per_block:  # every step commits >= 1 token per busy row
                     raise RuntimeError("sampler made no progress on a block (bug)")
+                row_nfe += eligible.any(-1).long() * (2 if cfg.cfg_scale else 1)
                 logits = self._block_logits(forward, canvas, attention_mask, start, end, i)
                 logits = self._process(logits, canvas, start)
                 candidates = sample_candidates(logits, cfg.temperature, self.generator)
@@ -346,7 +349,7 @@ class _Decoder:
         per_row = committed_total.float().mean().item()
         output = GenerationOutput(sequences=sequences, nfe=self.nfe, generated_lengths=lengths,
                                   tokens_per_forward=per_row / self.nfe if self.nfe else 0.0,
-                                  prompt_length=plan.prompt_len)
+                                  prompt_length=plan.prompt_len, row_nfe=row_nfe)
         yield StepEvent(step, block, torch.zeros_like(canvas, dtype=torch.bool), sequences, step_of,
                         torch.ones(b, dtype=torch.bool, device=device), self.nfe, done=True, output=output)
 

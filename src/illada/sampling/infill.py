@@ -20,6 +20,7 @@ class InfillOutput:
     sequences: torch.Tensor  # (B, L): the canvas with every mask filled
     nfe: int                 # forward passes
     filled: int              # masked positions filled, over all rows
+    row_nfe: torch.Tensor    # (B,) passes that had a mask left to fill in each row
 
 
 @torch.no_grad()
@@ -38,7 +39,9 @@ def fill_masks(model: nn.Module, canvas: torch.Tensor, mask_id: int, *, attentio
     else:
         masked = x == mask_id
     filled, nfe = int(masked.sum()), 0
+    row_nfe = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     while bool(masked.any()):
+        row_nfe += masked.any(-1).long()
         logits = model(x, attention_mask=attention_mask).float()
         nfe += 1
         probs = torch.softmax(logits, dim=-1)
@@ -53,4 +56,4 @@ def fill_masks(model: nn.Module, canvas: torch.Tensor, mask_id: int, *, attentio
         commit &= masked
         x = torch.where(commit, candidate, x)
         masked &= ~commit
-    return InfillOutput(sequences=x, nfe=nfe, filled=filled)
+    return InfillOutput(sequences=x, nfe=nfe, filled=filled, row_nfe=row_nfe)

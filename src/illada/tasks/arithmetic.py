@@ -3,6 +3,8 @@
 Templates (operands 0-99, usual precedence): A + B, A - B (may be negative), A * B, A + B * C, (A + B) * C, and
 word problems over the same operations. A product with two multi-digit factors is worked as
 `37 * 48 = 37 * 40 + 37 * 8 = 1480 + 296 = 1776`, so every step is a one-digit product or a sum.
+The `choice` variant writes the multiple-choice form for `illada eval --task multiple_choice`: the working with
+the right result and three wrong ones (off by 1, off by 10, and two digits swapped or +100).
 Documents come in two surface forms, the `illada eval --task gsm8k` zero-shot prompt ("Question: ...\\nAnswer: ...")
 and the bare question followed by its working, so `illada generate "What is 37 + 48 * 2?"` works too.
 """
@@ -44,9 +46,24 @@ def _word_problem(rng: random.Random, a: int, b: int, c: int) -> tuple[str, list
             f"{name} have now?", [product_steps(b, c), f"{a} + {b * c} = {a + b * c}"], a + b * c)
 
 
+def distractors(value: int) -> list[int]:
+    """Three wrong results near `value`: off by one, off by ten, and its last two digits swapped (else +100)."""
+    text = str(abs(value))
+    swapped = int(text[:-2] + text[-1] + text[-2]) * (1 if value >= 0 else -1) if len(text) >= 2 else value
+    third = swapped if swapped not in (value, value + 1, value + 10) else value + 100
+    return [value + 1, value + 10, third]
+
+
+def with_result(working: list[str], value: int, wrong: int) -> str:
+    """The working with its last result (last line and the #### line) replaced by `wrong`."""
+    last = working[-1].rsplit(" = ", 1)[0] + f" = {wrong}"
+    return "\n".join(working[:-1] + [last]) + f"\n#### {wrong}"
+
+
 class Arithmetic(Task):
     name = "arithmetic"
     eval_kind = "gsm8k"
+    variants = ("default", "choice")
     # expression templates are drawn this often each; the rest are word problems
     weights = {"add": 2, "sub": 2, "mul": 3, "add_mul": 3, "paren_mul": 3, "word": 1}
 
@@ -69,6 +86,11 @@ class Arithmetic(Task):
             question, steps, value = _word_problem(rng, a, b, c)
         working = "\n".join(steps) + f"\n#### {value}"
         bare = rng.random() < BARE_SHARE
+        record = {"question": question, "answer": working}
+        if self.variant == "choice":
+            options = [working] + [with_result(steps, value, wrong) for wrong in distractors(value)]
+            order = rng.sample(range(4), 4)
+            record = {"question": f"Question: {question}\nAnswer:", "choices": [options[i] for i in order],
+                      "answer": order.index(0)}
         return Example(key=question, prompt=f"Question: {question}\nAnswer:", response=f" {working}",
-                       record={"question": question, "answer": f"{working}"},
-                       document=f"{question}\n{working}" if bare else None)
+                       record=record, document=f"{question}\n{working}" if bare else None)
