@@ -17,3 +17,5 @@ $ILLADA train recipes/arithmetic-ar.yaml --no-progress &
 wait
 $ILLADA convert "$RUN/mdm/checkpoints/$(cat $RUN/mdm/checkpoints/latest)" $EXPORT --dtype bf16 --force
 cp $RUN/mdm/{metrics.jsonl,train_config.json,loss.png} $EXPORT/
+# the card quotes the proof table: run `python benchmarks/proof.py --out docs/proof` first
+.venv/bin/python recipes/arithmetic_card.py --run $RUN/mdm --model $EXPORT --results docs/proof/results.json

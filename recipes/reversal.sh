@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p $RUN
 [ -f $RUN/train.jsonl ] || $ILLADA tasks make reversal --n 150000 --out $RUN/train.jsonl
 for probe in reverse forward infill; do
-  [ -f $RUN/test-$probe.jsonl ] || $ILLADA tasks make reversal --split test --variant $probe --n 100 --out $RUN/test-$probe.jsonl
+  [ -f $RUN/test-$probe.jsonl ] || $ILLADA tasks make reversal --split test --variant $probe --n 50 --out $RUN/test-$probe.jsonl
 done
 [ -f $RUN/data/manifest.json ] || $ILLADA prepare $RUN/train.jsonl --tokenizer bytes --out $RUN/data --quiet
 $ILLADA train recipes/reversal-mdm.yaml --no-progress

@@ -133,7 +133,7 @@ def test_reversal_train_text_never_states_a_test_fact_backwards():
     assert all(f"{r['prompt']} {r['answer']}." in text for r in forward)
     assert all(r["prompt"] == "" and f"{r['answer']}{r['suffix']}" in text for r in infill)
     assert any("'s child is" in t for t in text)  # train pairs are stated both ways
-    assert {len(r["answer"]) for r in reverse + forward} == {13}
+    assert {len(r["answer"]) for r in reverse + forward} == {12}
     with pytest.raises(IlladaError, match="variant"):
         get_task("reversal", "sideways")
 
@@ -214,7 +214,7 @@ def test_each_task_evaluates_end_to_end(causal):
             normal = lambda s: s.strip().removesuffix(".").rstrip()  # noqa: E731
             assert record["correct"] == (normal(record["output"]) == normal(sample["answer"]))
     if not causal:  # the infill probe fills exactly the answer's length
-        assert all(r["generated_tokens"] == 13 for r in result.records)
+        assert all(r["generated_tokens"] == 12 for r in result.records)
 
 
 def test_exact_metric_counts_a_right_answer():
@@ -295,3 +295,36 @@ def test_ar_decoding_of_a_padded_batch_equals_full_recompute_per_row():
     assert len({tuple(g) for g in generated}) > 1  # the rows differ: not a copy of one row
     text = lm.generate(["ab", "abcdef"], max_new_tokens=5)
     assert text[0] == lm.generate("ab", max_new_tokens=5) and math.isfinite(out.tokens_per_forward)
+
+
+def test_eval_cli_passes_every_sampler_knob_to_the_sampler(tmp_path, monkeypatch, capsys):
+    from illada.api import DiffusionLM as Handle
+    from illada.checkpoint import save_checkpoint
+    from illada.tasks import write_records
+
+    lm = tiny_lm()
+    save_checkpoint(lm.model, lm.config, tmp_path / "m", tokenizer=lm.tokenizer)
+    data = write_records(make_records(get_task("arithmetic"), "test", 2, "eval"), tmp_path / "t.jsonl")
+    seen = {}
+    real = Handle.generate
+
+    def spy(self, prompts, **options):
+        seen.update(options)
+        return real(self, prompts, **options)
+
+    monkeypatch.setattr(Handle, "generate", spy)
+    code = cli.main(["eval", "--model", str(tmp_path / "m"), "--task", "gsm8k", "--data", str(data), "--num-fewshot",
+                     "0", "--fixed-length", "--max-new-tokens", "16", "--block-length", "8", "--steps", "4",
+                     "--threshold", "0.7", "--cache", "dual", "--remasking", "margin", "--temperature", "0.5",
+                     "--no-progress", "--out", str(tmp_path / "o")])
+    assert code == 0
+    assert {k: seen[k] for k in ("variable_length", "max_new_tokens", "block_length", "steps", "threshold", "cache",
+                                 "remasking", "temperature")} == dict(
+        variable_length=False, max_new_tokens=16, block_length=8, steps=4, threshold=0.7, cache="dual",
+        remasking="margin", temperature=0.5)
+    results = json.loads((tmp_path / "o" / "gsm8k.json").read_text())
+    assert results["tokens_per_forward"] > 0 and results["tokens_per_second"] > 0
+    assert "tokens/pass" in capsys.readouterr().out
+    code = cli.main(["eval", "--model", str(tmp_path / "m"), "--task", "gsm8k", "--data", str(data), "--factor", "1",
+                     "--threshold", "0.5"])
+    assert code == 2 and "either threshold or factor" in capsys.readouterr().err

@@ -265,4 +265,7 @@ def print_table(results: list[EvalResult], file=None) -> None:
                       f"{r.sequence_passes / max(r.n, 1):.1f}",
                       f"{data['tokens_per_forward']:.2f}" if "tokens_per_forward" in data else "-",
                       f"{data['tokens_per_second']:.1f}" if "tokens_per_second" in data else "-", f"{r.seconds:.1f}")
-    Console(file=file or sys.stdout).print(table)
+    console = Console(file=file or sys.stdout)
+    if not console.is_terminal:  # a log or a pipe: the whole table, not one squeezed into 80 columns
+        console = Console(file=file or sys.stdout, width=160)
+    console.print(table)

@@ -4,7 +4,8 @@ the pairs of the test split are seen only forwards. The test asks the reverse re
 result): by the question "Y's child is" (any model) or by filling the masked name in "[X]'s parent is Y."
 (a bidirectional model only). The forward probe checks that the facts were learned at all.
 
-Names are two capitalised 6-letter CVCVCV words, so a name is always 13 tokens for a byte-level tokenizer.
+Names are a 5-letter first name and a 6-letter surname from fixed lists (so a name is always 12 tokens for a
+byte-level tokenizer, and a fact is about 11 bits to memorise: which of 40 x 40 names is the parent).
 """
 from __future__ import annotations
 
@@ -13,19 +14,25 @@ from functools import cached_property
 
 from illada.tasks.base import Example, Task
 
-CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
+FIRST = ("Alice", "Bruno", "Clara", "David", "Elena", "Felix", "Grace", "Henry", "Irene", "James", "Karen", "Louis",
+         "Maria", "Nadia", "Oscar", "Paula", "Quinn", "Rosie", "Simon", "Tessa", "Ulric", "Viola", "Wanda", "Xenia",
+         "Yusuf", "Zelda", "Aaron", "Bella", "Caleb", "Daisy", "Ethan", "Fiona", "Gavin", "Hazel", "Isaac", "Julia",
+         "Kevin", "Laura", "Mason", "Olive")
+LAST = ("Bailey", "Barker", "Bishop", "Brooks", "Carter", "Cooper", "Dalton", "Dawson", "Fisher", "Fowler", "Garcia",
+        "Gibson", "Graham", "Hanson", "Harper", "Hudson", "Hunter", "Jensen", "Keller", "Lawson", "Mercer", "Miller",
+        "Monroe", "Morgan", "Murphy", "Nelson", "Norris", "Parker", "Porter", "Reeves", "Rhodes", "Sawyer", "Snyder",
+        "Spence", "Tucker", "Turner", "Walker", "Warren", "Weaver", "Wilson")
 PROBES = ("reverse", "forward", "infill")
 
 
 def make_name(rng: random.Random) -> str:
-    word = lambda: "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(3)).capitalize()  # noqa: E731
-    return f"{word()} {word()}"
+    return f"{rng.choice(FIRST)} {rng.choice(LAST)}"
 
 
 class Reversal(Task):
     name = "reversal"
     eval_kind = "exact"
-    pairs_in_world = 400
+    pairs_in_world = 200
     test_fraction = 0.25
     world_seed = 0
     variants = PROBES  # what the eval records ask: reverse (question), forward (question) or infill (suffix)
