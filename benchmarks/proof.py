@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 import illada
+from illada.api import bundled_models
 from illada.errors import IlladaError
 from illada.evaluation import evaluate, get_preset, load_samples
 from illada.files import write_atomic, write_json_atomic
@@ -121,42 +123,81 @@ def scoring_cells(limit: int, batch: int) -> list[Cell]:
     return cells
 
 
+# ------------------------------------------------------------------------------------------------ likelihood
+SHAKESPEARE_DATA = RUNS / "shakespeare" / "data"
+SHAKESPEARE_MDM, SHAKESPEARE_AR = "illada-shakespeare-tiny", RUNS / "shakespeare" / "ar"
+
+
+def likelihood(results: dict, fresh: bool) -> None:
+    """Validation ELBO of the bundled Shakespeare MDM vs the NLL of its AR twin, on the rows the training run held
+    out (the last `val_rows` rows of runs/shakespeare/data, as prepared by recipes/shakespeare-tiny.sh)."""
+    from illada.data.shards import PackedTokens
+    from illada.diffusion.objective import ar_loss
+    from illada.scoring import corpus_elbo
+    from illada.training.batches import PackedRows
+
+    if not (SHAKESPEARE_DATA / "manifest.json").exists():
+        print(f"skip likelihood: no {SHAKESPEARE_DATA} (bash recipes/shakespeare-tiny.sh prepares it)", file=sys.stderr)
+        return
+    config = json.loads((bundled_models()[SHAKESPEARE_MDM] / "train_config.json").read_text())
+    held_out = PackedRows(PackedTokens(SHAKESPEARE_DATA), config["seq_len"], holdout=config["val_rows"])
+    rows = held_out.batch(held_out.validation_rows())["input_ids"]
+    key = f"likelihood:{SHAKESPEARE_MDM}"
+    if key not in results or fresh:
+        lm = illada.load(SHAKESPEARE_MDM)
+        elbo = corpus_elbo(lm.model, rows.flatten(), seq_len=config["seq_len"], num_samples=16, seed=0)
+        results[key] = {"nll": elbo.nll, "stderr": elbo.stderr, "tokens": elbo.tokens, "kind": "ELBO (upper bound)"}
+    key = f"likelihood:{SHAKESPEARE_AR}"
+    if (key not in results or fresh) and (SHAKESPEARE_AR / "checkpoints").exists():
+        lm = illada.load(str(SHAKESPEARE_AR))
+        with torch.no_grad():
+            losses = [float(ar_loss(lm.model, batch)[0]) for batch in rows.split(8)]
+        results[key] = {"nll": sum(losses) / len(losses), "tokens": int(rows.numel()), "kind": "exact NLL"}
+
+
+def likelihood_markdown(results: dict) -> str:
+    mdm, ar = results.get(f"likelihood:{SHAKESPEARE_MDM}"), results.get(f"likelihood:{SHAKESPEARE_AR}")
+    if mdm is None:
+        return ""
+    lines = ["### Likelihood on held-out Shakespeare (same rows, same tokenizer)", "",
+             "| model | nats/token | perplexity (bound) |", "|---|---:|---:|",
+             f"| MDM `{SHAKESPEARE_MDM}` (ELBO, 16 masking levels per row) | {mdm['nll']:.3f} | "
+             f"{math.exp(mdm['nll']):.1f} |"]
+    if ar is not None:
+        lines.append(f"| AR twin `{SHAKESPEARE_AR}` (exact NLL) | {ar['nll']:.3f} | {math.exp(ar['nll']):.1f} |")
+    else:
+        lines.append(f"| AR twin: not trained yet (`illada train recipes/shakespeare-tiny-ar.yaml`) | - | - |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------------ output
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+# section -> (title, columns, the row of a result); every row ends with the command that reproduces it
+TABLES = {
+    "tasks": ("Accuracy: masked diffusion vs the autoregressive twin", ["task · model", "accuracy %", "n", "tokens/pass"],
+              lambda r: [f"{pct(r['score'])} ± {pct(r['stderr'])}", r["n"], f"{r.get('tokens_per_forward', 0):.2f}"]),
+    "parallel": ("Arithmetic MDM: accuracy under parallel decoding",
+                 ["mode · cache", "accuracy %", "tokens/pass", "tokens/s", "passes/sample"],
+                 lambda r: [pct(r["score"]), f"{r.get('tokens_per_forward', 0):.2f}",
+                            f"{r.get('tokens_per_second', 0):.1f}", f"{r['sequence_passes_per_sample']:.1f}"]),
+    "scoring": ("Scoring the multiple-choice form of arithmetic", ["method", "accuracy %", "passes/sample", "seconds"],
+                lambda r: [pct(r["score"]), f"{r['sequence_passes_per_sample']:.1f}", f"{r['seconds']:.1f}"]),
+}
+
+
 def markdown(cells: list[Cell], results: dict) -> str:
     out = []
-    have = lambda c: c.command in results  # noqa: E731
-    tasks = [c for c in cells if c.section == "tasks" and have(c)]
-    if tasks:
-        out += ["### Accuracy: masked diffusion vs the autoregressive twin", "",
-                "| task · model | accuracy % | n | tokens/pass | command |", "|---|---:|---:|---:|---|"]
-        for c in tasks:
-            r = results[c.command]
-            out.append(f"| {c.label} | {pct(r['score'])} ± {pct(r['stderr'])} | {r['n']} | "
-                       f"{r.get('tokens_per_forward', 0):.2f} | `{c.command}` |")
-        out.append("")
-    parallel = [c for c in cells if c.section == "parallel" and have(c)]
-    if parallel:
-        out += ["### Arithmetic MDM: accuracy under parallel decoding", "",
-                "| mode · cache | accuracy % | tokens/pass | tokens/s | passes/sample | command |",
-                "|---|---:|---:|---:|---:|---|"]
-        for c in parallel:
-            r = results[c.command]
-            out.append(f"| {c.label} | {pct(r['score'])} | {r.get('tokens_per_forward', 0):.2f} | "
-                       f"{r.get('tokens_per_second', 0):.1f} | {r['sequence_passes_per_sample']:.1f} | "
-                       f"`{c.command}` |")
-        out.append("")
-    scoring = [c for c in cells if c.section == "scoring" and have(c)]
-    if scoring:
-        out += ["### Scoring the multiple-choice form of arithmetic", "",
-                "| method | accuracy % | passes/sample | seconds | command |", "|---|---:|---:|---:|---|"]
-        for c in scoring:
-            r = results[c.command]
-            out.append(f"| {c.label} | {pct(r['score'])} | {r['sequence_passes_per_sample']:.1f} | "
-                       f"{r['seconds']:.1f} | `{c.command}` |")
+    for section, (title, columns, row) in TABLES.items():
+        done = [c for c in cells if c.section == section and c.command in results]
+        if not done:
+            continue
+        out += [f"### {title}", "", "| " + " | ".join(columns + ["command"]) + " |",
+                "|---|" + "---:|" * (len(columns) - 1) + "---|"]
+        out += [f"| {c.label} | " + " | ".join(str(v) for v in row(results[c.command])) + f" | `{c.command}` |"
+                for c in done]
         out.append("")
     return "\n".join(out)
 
@@ -222,7 +263,8 @@ def plots(cells: list[Cell], results: dict, out: Path) -> list[Path]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/proof"))
-    p.add_argument("--only", choices=["tasks", "parallel", "speed", "scoring"], action="append", default=None)
+    p.add_argument("--only", choices=["tasks", "parallel", "speed", "scoring", "likelihood"], action="append",
+                   default=None)
     p.add_argument("--limit", type=int, default=200, help="held-out samples per generation cell")
     p.add_argument("--choice-limit", type=int, default=100, help="samples per scoring cell")
     p.add_argument("--batch-size", type=int, default=16)
@@ -237,7 +279,10 @@ def main() -> int:
         scoring_cells(args.choice_limit, args.batch_size)
     cache_path = args.out / "results.json"
     results = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    sections = set(args.only or ["tasks", "parallel", "scoring"])
+    sections = set(args.only or ["tasks", "parallel", "scoring", "likelihood"])
+    if "likelihood" in sections:
+        likelihood(results, args.fresh)
+        write_json_atomic(cache_path, results)
     models: dict = {}
     for cell in cells:
         # speed: tokens/s only compare when measured together, so the arithmetic twins and every decoding mode
@@ -257,7 +302,7 @@ def main() -> int:
         write_json_atomic(cache_path, results)
     text = ["## Proof table", "", f"Machine: {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
             f"batch {args.batch_size}, {args.limit} held-out samples per generation cell.", "",
-            markdown(cells, results), speed_summary(cells, results)]
+            markdown(cells, results), speed_summary(cells, results), likelihood_markdown(results)]
     written = plots(cells, results, args.out)
     text += [f"![{p.stem}]({p.name})" for p in written]
     report = "\n".join(text) + "\n"
