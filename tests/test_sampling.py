@@ -38,11 +38,13 @@ def batch(prompts=PROMPTS):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Naive reference: one prompt, Python lists, straight from reference §5.1 (+ the documented choices: the mask token
-# is never a candidate, ties go to the leftmost position, EOS confidence -inf commits EOS last).
+# is never a candidate but keeps its probability mass in the confidence, as in the official generate(); ties go to
+# the leftmost position, EOS confidence -inf commits EOS last).
 # ---------------------------------------------------------------------------------------------------------------
 def naive_fixed(model, prompt, gen_length, block_length, steps, cfg_scale=0.0, eos_neg_inf=None,
-                threshold=None, factor=None, rule="low_confidence"):
-    """Returns (tokens, forward passes). threshold/factor replace the step plan by the §5.4 rules."""
+                threshold=None, factor=None, rule="low_confidence", renormalise=False):
+    """Returns (tokens, forward passes). threshold/factor replace the step plan by the §5.4 rules. `renormalise`:
+    the old, wrong confidence p / (1 - p_mask), for the test that tells the two apart."""
     x = list(prompt) + [MASK] * gen_length
     p = len(prompt)
     num_blocks = gen_length // block_length
@@ -69,10 +71,12 @@ def naive_fixed(model, prompt, gen_length, block_length, steps, cfg_scale=0.0, e
             for j in block:
                 if x[j] != MASK:
                     continue
+                probs = torch.softmax(logits[j], -1)  # the model's own distribution: the mask keeps its share
                 row = logits[j].clone()
                 row[MASK] = float("-inf")
-                probs = torch.softmax(row, -1)
                 tok = int(row.argmax())
+                if renormalise:
+                    probs = torch.softmax(row, -1)
                 if rule == "low_confidence":
                     conf = float(probs[tok])
                 elif rule == "margin":
@@ -119,6 +123,20 @@ def test_fixed_canvas_matches_naive_reference(gen_length, block_length, steps):
     # nfe: the naive loop skips only steps that commit nothing, as the sampler does.
     assert out.nfe == naive_fixed(model, PROMPTS[0], gen_length, block_length, steps)[1]
     assert out.generated_lengths.tolist() == [gen_length] * 3
+
+
+def test_mask_ban_keeps_the_model_confidences():
+    """The mask token is never committed, but its probability is not renormalised away: the commit order follows
+    p(candidate) under the model's softmax, as the official generate() does (32/32/32 greedy canvas)."""
+    model = sharp_model(7)
+    with torch.no_grad():  # a mask probability that varies a lot across positions
+        model.lm_head.weight[MASK].mul_(8)
+    prompt = PROMPTS[0]
+    want, _ = naive_fixed(model, prompt, 32, 32, 32)
+    renormalised, _ = naive_fixed(model, prompt, 32, 32, 32, renormalise=True)
+    assert want != renormalised  # the case tells the two confidences apart
+    out = run(model, [prompt], gen_length=32, block_length=32, steps=32)
+    assert out.sequences[0].tolist() == want and MASK not in want[len(prompt):]
 
 
 def test_batch_invariance_alone_vs_padded_batch():

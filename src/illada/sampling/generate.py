@@ -226,16 +226,22 @@ class _Decoder:
         cond, unc = forward(torch.cat([canvas, uncond]), both_mask, start, end, step_in_block).float().chunk(2)
         return unc + (w + 1) * (cond - unc)
 
-    def _process(self, logits: torch.Tensor, canvas: torch.Tensor, start: int) -> torch.Tensor:
-        """Logit processors in order: end-think boost, banned tokens, top-k, top-p."""
+    def _process(self, logits: torch.Tensor, canvas: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidate logits, confidence logits) after the processors in order: end-think boost, the user's bans
+        (forbid_eos), top-k, top-p. The mask token is never a candidate (committing it would leave the position
+        masked), but as in the official LLaDA sampler it keeps its share of the softmax that the confidence is
+        measured on; the user's bans and filters renormalise, as the official EOS flag does."""
         cfg = self.cfg
         if cfg.end_think_boost and cfg.end_think_ids:
             logits = end_think_boost(logits, canvas, start, self.mask_id, self.plan.prompt_len, self.plan.budget,
                                      cfg.end_think_ids, cfg.end_think_boost, cfg.end_think_power)
-        # The mask token is never a valid output (committing it would leave the position masked).
-        banned = [self.mask_id] + (self.eos_ids if cfg.forbid_eos else [])
-        logits = suppress_tokens(logits, banned)
-        return filter_top_p(filter_top_k(logits, cfg.top_k), cfg.top_p)
+        user_bans = self.eos_ids if cfg.forbid_eos else []
+
+        def filtered(banned: list[int]) -> torch.Tensor:
+            return filter_top_p(filter_top_k(suppress_tokens(logits, banned), cfg.top_k), cfg.top_p)
+
+        confidence_logits = filtered(user_bans)
+        return filtered([self.mask_id, *user_bans]), confidence_logits
 
     def _counts(self, confidence: torch.Tensor, eligible: torch.Tensor, schedule: torch.Tensor | None,
                 step_in_block: int) -> torch.Tensor:
@@ -315,9 +321,9 @@ class _Decoder:
                     raise RuntimeError("sampler made no progress on a block (bug)")
                 row_nfe += eligible.any(-1).long() * (2 if cfg.cfg_scale else 1)
                 logits = self._block_logits(forward, canvas, attention_mask, start, end, i)
-                logits = self._process(logits, canvas, start)
+                logits, confidence_logits = self._process(logits, canvas, start)
                 candidates = sample_candidates(logits, cfg.temperature, self.generator)
-                confidence = confidence_score(logits, candidates, cfg.remasking, self.generator)
+                confidence = confidence_score(confidence_logits, candidates, cfg.remasking, self.generator)
                 if neg_inf_eos:
                     confidence = confidence.masked_fill(torch.isin(candidates, eos_tensor), float("-inf"))
                 counts = self._counts(confidence, eligible, schedule, i)
