@@ -416,6 +416,18 @@ def test_end_think_boost_exact_formula():
     assert late[0, 0, 7].item() == 5.0
 
 
+def test_end_think_prefix_match_uses_generated_tokens_only():
+    """A prompt that ends in the first token of </think> must not count as a partial match (official var_generate)."""
+    p, gen_length, think = 6, 8, [77, 88]
+    canvas = torch.full((2, p + gen_length), MASK)
+    canvas[:, :p] = torch.tensor([10, 11, 12, 13, 14, 77])
+    canvas[1, p] = 77  # row 1 generated 77 itself: then 88 is next
+    logits = torch.zeros(2, gen_length, 128)
+    out = end_think_boost(logits, canvas, p, MASK, p, gen_length, think, 100.0, 1.0)
+    assert out[0, 0, 77] == pytest.approx(100.0 * 1 / gen_length) and out[0, 0, 88] == 0
+    assert out[1, 1, 88] == pytest.approx(100.0 * 2 / gen_length) and out[1, 1, 77] == 0
+
+
 def test_end_think_boost_steers_generation():
     model = sharp_model(seed=53)
     think = [90, 91]

@@ -2,8 +2,9 @@
 
 While a row has not generated the `</think>` token sequence, the first still-masked position `pos` of the current
 block gets `boost * progress ** power` added to the logit of the next `</think>` token, where
-`progress = clip((pos - prompt_len + 1) / gen_length, 0, 1)`. "Next" follows prefix matching: if the tokens just
-before `pos` spell the first j tokens of the sequence (longest such j), the boosted token is the (j+1)-th.
+`progress = clip((pos - prompt_len + 1) / gen_length, 0, 1)`. "Next" follows prefix matching: if the generated
+tokens just before `pos` spell the first j tokens of the sequence (longest such j), the boosted token is the
+(j+1)-th. A match never reaches into the prompt, as in the official `var_generate`.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def end_think_boost(
     matched = torch.zeros(b, dtype=torch.long, device=canvas.device)
     for j in range(1, len(think_ids)):  # loop over the (short) sequence, not over rows
         idx = pos[:, None] - j + torch.arange(j, device=canvas.device)[None, :]
-        valid = (idx >= 0).all(-1)
+        valid = (idx >= prompt_len).all(-1)  # generated tokens only
         before = canvas.gather(1, idx.clamp_min(0))
         match = valid & (before == seq[:j]).all(-1)
         matched = torch.where(match, torch.full_like(matched, j), matched)
