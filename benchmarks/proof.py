@@ -105,12 +105,12 @@ def task_cells(limit: int, batch: int) -> list[Cell]:
     sudoku = RUNS / "sudoku" / "test.jsonl"
     for kind in ("mdm", "ar"):
         cells.append(Cell("tasks", f"sudoku 6x6 · {kind.upper()}", str(RUNS / "sudoku" / kind), "exact", sudoku,
-                          dict(max_new_tokens=48, block_length=48, limit=limit, batch_size=batch)))
+                          dict(max_new_tokens=48, block_length=48, steps=48, limit=limit, batch_size=batch)))
     for probe in ("forward", "reverse", "infill"):
         for kind in ("mdm", "ar") if probe != "infill" else ("mdm",):
             cells.append(Cell("tasks", f"reversal · {probe} · {kind.upper()}", str(RUNS / "reversal" / kind), "exact",
                               RUNS / "reversal" / f"test-{probe}.jsonl",
-                              dict(max_new_tokens=32, block_length=16, limit=limit, batch_size=batch)))
+                              dict(max_new_tokens=32, block_length=16, steps=16, limit=limit, batch_size=batch)))
     return cells
 
 

@@ -328,3 +328,17 @@ def test_eval_cli_passes_every_sampler_knob_to_the_sampler(tmp_path, monkeypatch
     code = cli.main(["eval", "--model", str(tmp_path / "m"), "--task", "gsm8k", "--data", str(data), "--factor", "1",
                      "--threshold", "0.5"])
     assert code == 2 and "either threshold or factor" in capsys.readouterr().err
+
+
+def test_generate_cli_decodes_an_ar_twin_left_to_right(tmp_path, capsys):
+    from illada.checkpoint import save_checkpoint
+
+    lm = tiny_lm(causal=True, seed=2)
+    save_checkpoint(lm.model, lm.config, tmp_path / "ar", tokenizer=lm.tokenizer)
+    assert cli.main(["generate", "abc", "--model", str(tmp_path / "ar"), "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    ids = lm.tokenizer.encode("abc")
+    want = lm.tokenizer.decode(naive_ar(lm.model, ids, 6)[len(ids):], skip_special_tokens=True)
+    assert out.rstrip("\n") == "abc" + want and "autoregressive, KV cache" in err
+    assert cli.main(["generate", "abc", "--model", str(tmp_path / "ar"), "--show"]) == 2
+    assert "autoregressive model" in capsys.readouterr().err

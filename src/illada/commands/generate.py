@@ -78,6 +78,18 @@ def run(args: argparse.Namespace) -> int:
     if args.record and not args.record.endswith((".html", ".gif")):
         raise IlladaError(f"--record: {args.record} must end in .html or .gif")
     lm = illada.load(args.model, device=args.device, dtype=args.dtype)
+    if lm.config.causal:  # an `--objective ar` twin: greedy left to right with a KV cache
+        if args.show or args.record:
+            raise IlladaError(f"{lm.name} is an autoregressive model: --show/--record show diffusion canvases")
+        began = time.perf_counter()
+        texts, output = lm.generate(prompts, chat=args.chat, return_output=True, max_new_tokens=args.max_new_tokens)
+        seconds = time.perf_counter() - began
+        for prompt, text in zip(prompts, texts):
+            print(prompt + text if not args.chat else text)
+        generated = int(output.generated_lengths.sum())
+        print(f"[{generated} tokens · {output.nfe} forward passes (autoregressive, KV cache) · "
+              f"{generated / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        return 0
     options = lm.sampling_options(sampling_options(args, lm.tokenizer))
     ids, mask = lm.encode_prompts(prompts, chat=args.chat)
     token_text = _token_text(lm.tokenizer)
@@ -118,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
             if len(prompts) > 1:
                 print("-" * 40)
     generated = int(output.generated_lengths.sum())
-    print(f"[{generated} tokens · {output.nfe} forward passes · {output.tokens_per_forward:.2f} tokens/forward · "
+    # per row: the passes that worked on it, so a batch reports what each sequence cost
+    per_row = generated / max(int(output.row_nfe.sum()), 1)
+    print(f"[{generated} tokens · {output.nfe} forward passes · {per_row:.2f} tokens/forward per row · "
           f"{generated / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
     if args.record:
         total = max((s for piece in frames for _, s in piece), default=0) + 1
