@@ -4,8 +4,9 @@ run, each row with the `illada eval` command that reproduces it.
     OMP_NUM_THREADS=1 python benchmarks/proof.py --out docs/proof          # all sections
     python benchmarks/proof.py --out docs/proof --only speed --fresh          # redo one section
 
-Sections: `tasks` (MDM vs AR accuracy per task), `parallel` (arithmetic MDM: every decoding mode x cache,
-accuracy and tokens per forward), `speed` (tokens/s of the MDM modes and the AR twin, same batch, same run),
+Sections: `tasks` (MDM vs AR accuracy per task), `parallel` (the `--grid-task` MDM, sudoku by default, arithmetic
+selectable: every decoding mode x cache, accuracy and tokens per forward, with its AR twin on the same samples in
+the same run for tokens/s), `speed` (the parallel cells again: tokens/s only compare when measured together),
 `scoring` (confidence vs Monte Carlo likelihood on the multiple-choice form of arithmetic), `likelihood`
 (Shakespeare validation ELBO vs the AR twin's NLL, where both exist). Each cell's result is cached in
 OUT/results.json under its command, so an interrupted run resumes and `--only` reruns one section; the markdown
@@ -84,19 +85,35 @@ def run_cell(cell: Cell, models: dict, batch_size: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- the cells
-def arithmetic_cells(limit: int, grid_limit: int, batch: int) -> list[Cell]:
+# the decoding grid: (MDM run, AR twin run, eval task, data, flags of every cell, flags of the fixed canvas)
+GRIDS = {
+    "arithmetic": (RUNS / "arithmetic" / "mdm", RUNS / "arithmetic" / "ar", "gsm8k", ARITH_TEST,
+                   dict(num_fewshot=0, max_new_tokens=96), ("fixed canvas 96", dict(fixed_length=True, steps=96))),
+    "sudoku": (RUNS / "sudoku" / "mdm", RUNS / "sudoku" / "ar", "exact", RUNS / "sudoku" / "test.jsonl",
+               dict(max_new_tokens=48, block_length=48, steps=48),
+               ("fixed canvas 48", dict(fixed_length=True))),
+}
+
+
+def arithmetic_cells(limit: int, batch: int) -> list[Cell]:
     mdm, ar = str(RUNS / "arithmetic" / "mdm"), str(RUNS / "arithmetic" / "ar")
     base = dict(num_fewshot=0, max_new_tokens=96, limit=limit, batch_size=batch)
-    cells = [Cell("tasks", "arithmetic · MDM (variable length, 1 token/pass)", mdm, "gsm8k", ARITH_TEST, base),
-             Cell("tasks", "arithmetic · AR twin (greedy, KV cache)", ar, "gsm8k", ARITH_TEST, base)]
-    modes = [("fixed canvas 96, 1 token/pass", dict(fixed_length=True, steps=96)),
-             ("variable length, 1 token/pass", {})]
+    return [Cell("tasks", "arithmetic · MDM (variable length, 1 token/pass)", mdm, "gsm8k", ARITH_TEST, base),
+            Cell("tasks", "arithmetic · AR twin (greedy, KV cache)", ar, "gsm8k", ARITH_TEST, base)]
+
+
+def grid_cells(task: str, limit: int, batch: int) -> list[Cell]:
+    """Every decoding mode x cache of the task's MDM, and its AR twin on the same samples in the same run."""
+    mdm, ar, eval_task, data, flags, (fixed_name, fixed) = GRIDS[task]
+    base = {**flags, "limit": limit, "batch_size": batch}
+    cells = [Cell("parallel", "AR twin (greedy, KV cache)", str(ar), eval_task, data, base)]
+    modes = [(f"{fixed_name}, 1 token/pass", fixed), ("variable length, 1 token/pass", {})]
     modes += [(f"threshold {t}", dict(threshold=t)) for t in (0.95, 0.9, 0.8, 0.7, 0.5)]
     modes += [(f"factor {f}", dict(factor=f)) for f in (1, 2)]
     for name, extra in modes:
         for cache in ("none", "prefix", "dual"):
-            cells.append(Cell("parallel", f"{name} · cache {cache}", mdm, "gsm8k", ARITH_TEST,
-                              {**base, "limit": grid_limit, **extra, "cache": cache}))
+            cells.append(Cell("parallel", f"{name} · cache {cache}", str(mdm), eval_task, data,
+                              {**base, **extra, "cache": cache}))
     return cells
 
 
@@ -179,7 +196,7 @@ def pct(x: float) -> str:
 TABLES = {
     "tasks": ("Accuracy: masked diffusion vs the autoregressive twin", ["task · model", "accuracy %", "n", "tokens/pass"],
               lambda r: [f"{pct(r['score'])} ± {pct(r['stderr'])}", r["n"], f"{r.get('tokens_per_forward', 0):.2f}"]),
-    "parallel": ("Arithmetic MDM: accuracy under parallel decoding",
+    "parallel": ("Accuracy under parallel decoding (the grid task's MDM, and its AR twin on the same samples)",
                  ["mode · cache", "accuracy %", "tokens/pass", "tokens/s", "passes/sample"],
                  lambda r: [pct(r["score"]), f"{r.get('tokens_per_forward', 0):.2f}",
                             f"{r.get('tokens_per_second', 0):.1f}", f"{r['sequence_passes_per_sample']:.1f}"]),
@@ -204,8 +221,9 @@ def markdown(cells: list[Cell], results: dict) -> str:
 
 def speed_summary(cells: list[Cell], results: dict) -> str:
     """Best MDM mode (highest tokens/s within 1 point of the AR twin's accuracy, else the most accurate) vs AR."""
-    ar = next((c for c in cells if c.label.startswith("arithmetic · AR") and c.command in results), None)
-    modes = [c for c in cells if c.section == "parallel" and c.command in results]
+    ar = next((c for c in cells if c.section == "parallel" and c.label.startswith("AR twin") and c.command in results),
+              None)
+    modes = [c for c in cells if c.section == "parallel" and c.command in results and c is not ar]
     if ar is None or not modes:
         return ""
     a = results[ar.command]
@@ -237,13 +255,13 @@ def parallel_summary(cells: list[Cell], results: dict) -> str:
             f"at {r.get('tokens_per_forward', 0):.2f} tokens per forward.\n")
 
 
-def plots(cells: list[Cell], results: dict, out: Path) -> list[Path]:
+def plots(cells: list[Cell], results: dict, out: Path, task: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [c for c in cells if c.section == "parallel" and c.command in results]
+    modes = [c for c in cells if c.section == "parallel" and c.command in results and not c.label.startswith("AR")]
     if not modes:
         return []
     written = []
@@ -257,7 +275,8 @@ def plots(cells: list[Cell], results: dict, out: Path) -> list[Path]:
             ax.scatter(r.get(x_key, 0), 100 * r["score"], marker=markers.get(cache, "o"), s=36)
             ax.annotate(c.label.split(" · ")[0], (r.get(x_key, 0), 100 * r["score"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
-        ar = next((c for c in cells if c.label.startswith("arithmetic · AR") and c.command in results), None)
+        ar = next((c for c in cells if c.section == "parallel" and c.label.startswith("AR twin")
+                   and c.command in results), None)
         if ar is not None:
             r = results[ar.command]
             x = 1.0 if x_key == "tokens_per_forward" else r.get("tokens_per_second", 0)
@@ -265,7 +284,7 @@ def plots(cells: list[Cell], results: dict, out: Path) -> list[Path]:
             ax.legend(loc="lower left", fontsize=8)
         ax.set_xlabel(xlabel + "   (markers: o no cache, s prefix, ^ dual)")
         ax.set_ylabel("held-out accuracy %")
-        ax.set_title("arithmetic MDM: accuracy vs " + xlabel)
+        ax.set_title(f"{task} MDM: accuracy vs " + xlabel)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / name
@@ -282,16 +301,20 @@ def main() -> int:
                    default=None)
     p.add_argument("--limit", type=int, default=200, help="held-out samples per cell of the task table")
     p.add_argument("--grid-limit", type=int, default=100, help="held-out samples per parallel-decoding cell")
+    p.add_argument("--grid-task", choices=list(GRIDS), default="sudoku",
+                   help="task whose MDM the decoding grid measures (default: sudoku)")
     p.add_argument("--choice-limit", type=int, default=100, help="samples per scoring cell")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--fresh", action="store_true", help="recompute the selected cells instead of using the cache")
+    p.add_argument("--match", default=None, metavar="TEXT", help="only the cells whose command contains TEXT")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not ARITH_CHOICE.exists():
         from illada.tasks import get_task, make_records, write_records
 
         write_records(make_records(get_task("arithmetic", "choice"), "test", 1000, "eval"), ARITH_CHOICE)
-    cells = arithmetic_cells(args.limit, args.grid_limit, args.batch_size) + task_cells(args.limit, args.batch_size) + \
+    cells = arithmetic_cells(args.limit, args.batch_size) + task_cells(args.limit, args.batch_size) + \
+        grid_cells(args.grid_task, args.grid_limit, args.batch_size) + \
         scoring_cells(args.choice_limit, args.batch_size)
     cache_path = args.out / "results.json"
     results = json.loads(cache_path.read_text()) if cache_path.exists() else {}
@@ -302,8 +325,10 @@ def main() -> int:
     models: dict = {}
     for cell in cells:
         # speed: tokens/s only compare when measured together, so the arithmetic twins and every decoding mode
-        speed = "speed" in sections and (cell.section == "parallel" or cell.label.startswith("arithmetic ·"))
+        speed = "speed" in sections and cell.section == "parallel"
         if not (cell.section in sections or speed) or (cell.command in results and not args.fresh):
+            continue
+        if args.match is not None and args.match not in cell.command:
             continue
         began = time.perf_counter()
         try:
@@ -318,10 +343,10 @@ def main() -> int:
         write_json_atomic(cache_path, results)
     text = ["## Proof table", "", f"Machine: {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
             f"batch {args.batch_size}; {args.limit} held-out samples per task cell, {args.grid_limit} per "
-            "parallel-decoding cell.", "",
+            f"parallel-decoding cell (grid task: {args.grid_task}).", "",
             markdown(cells, results), parallel_summary(cells, results), speed_summary(cells, results),
             likelihood_markdown(results)]
-    written = plots(cells, results, args.out)
+    written = plots(cells, results, args.out, args.grid_task)
     text += [f"![{p.stem}]({p.name})" for p in written]
     report = "\n".join(text) + "\n"
     write_atomic(args.out / "proof.md", report)
