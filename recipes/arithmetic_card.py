@@ -39,10 +39,11 @@ def sample_lines(lm) -> list[str]:
     return lines
 
 
-def accuracy_rows(results: dict) -> list[str]:
+def accuracy_rows(results: dict, run: Path) -> list[str]:
+    """The proof table's gsm8k cells of this run (the card's own model), each with its command."""
     rows = []
     for command, r in results.items():
-        if "runs/arithmetic/" not in command or "--task gsm8k" not in command:
+        if f"--model {run} " not in command or "--task gsm8k" not in command:
             continue
         rows.append(f"| {100 * r['score']:.1f} | {r.get('tokens_per_forward', 0):.2f} | "
                     f"{r.get('tokens_per_second', 0):.0f} | `{command}` |")
@@ -63,7 +64,7 @@ def main() -> None:
     weights_mb = sum(f.stat().st_size for f in args.model.glob("*.safetensors")) / 1e6
     results = json.loads(args.results.read_text())
     table = "\n".join(["| accuracy % | tokens/pass | tokens/s | command |", "|---:|---:|---:|---|",
-                       *accuracy_rows(results)])
+                       *accuracy_rows(results, args.run)])
     card = f"""# illada-arithmetic
 
 A {params / 1e6:.1f}M-parameter masked diffusion language model (iLLaDA architecture: bidirectional Transformer,
@@ -92,7 +93,7 @@ rows of {cfg['seq_len']} tokens, every token maskable: the iLLaDA variable-lengt
 
 The autoregressive twin (`recipes/arithmetic-ar.yaml`: same shape, data and steps, causal) is not bundled.
 
-## Accuracy on 200 held-out problems (from benchmarks/proof.py)
+## Accuracy on held-out problems (from benchmarks/proof.py, cells of this run)
 
 {table}
 

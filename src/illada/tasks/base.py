@@ -29,7 +29,8 @@ class Example:
 
 
 class Task:
-    """A seeded problem generator. Subclasses set `name`, `eval_kind` and implement `example`."""
+    """A seeded problem generator. Subclasses set `name`, `eval_kind` and implement `example` (one problem, split
+    by `split_of`), or override `examples` when the splits are not a partition of independent problems (reversal)."""
 
     name: str = ""
     eval_kind: str = ""          # the `illada eval` task kind its eval records are for
