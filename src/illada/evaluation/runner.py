@@ -118,6 +118,9 @@ def evaluate(lm, preset: TaskPreset, samples: list[dict], *, fewshot_pool: list[
     bar = _Progress(len(samples), preset.name, progress)
     metric = "pass@1" if preset.kind == "humaneval" else "accuracy"
     records: list[dict] = []
+    # generation counts its passes from the decoders' own NFE (the AR decoder runs the modules itself, out of reach
+    # of the forward hooks; CFG counts 2 per step); scoring counts them with hooks
+    generation = {"calls": 0, "rows": 0}
     began = time.perf_counter()
     try:
         with count_passes(lm.model) as counts:
@@ -125,7 +128,9 @@ def evaluate(lm, preset: TaskPreset, samples: list[dict], *, fewshot_pool: list[
                 shots = [tasks.fewshot_examples(start + i, pool, preset.num_fewshot, same_data, seed)
                          for i in range(len(chunk))]
                 if preset.method == "generate":
-                    new = _generate_batch(lm, preset, chunk, shots, seed, timeout)
+                    new, nfe, row_passes = _generate_batch(lm, preset, chunk, shots, seed, timeout)
+                    generation["calls"] += nfe
+                    generation["rows"] += row_passes
                 else:
                     new = _score_batch(lm, preset, chunk, shots, seed)
                 for offset, record in enumerate(new):
@@ -142,9 +147,8 @@ def evaluate(lm, preset: TaskPreset, samples: list[dict], *, fewshot_pool: list[
             log.close()
     n = len(records)
     score = sum(r["correct"] for r in records) / n
-    if preset.method == "generate":  # the AR decoder runs the modules itself, out of reach of the hooks
-        counts["rows"] = max(counts["rows"], sum(r["batch_row_passes"] for r in records))
-        counts["calls"] = max(counts["calls"], sum(r["batch_nfe"] for r in records))
+    if preset.method == "generate":
+        counts = generation
     stderr = math.sqrt(score * (1 - score) / (n - 1)) if n > 1 else float("nan")
     return EvalResult(task=preset.name, model=lm.name, metric=metric, score=score, stderr=stderr, n=n,
                       seconds=time.perf_counter() - began, forward_passes=counts["calls"],
@@ -175,7 +179,8 @@ def _score_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[dic
 
 
 def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[dict]], seed: int,
-                    timeout: float) -> list[dict]:
+                    timeout: float) -> tuple[list[dict], int, int]:
+    """(records, forward passes, rows through the model: a pass over B rows counts B) of one batch."""
     tok = lm.tokenizer
     prompts = []
     for sample, demo in zip(chunk, shots):
@@ -197,7 +202,7 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
     outputs: list[str] = [""] * len(chunk)
     lengths = [0] * len(chunk)  # generated tokens of each row, up to its stop
     passes = [0] * len(chunk)
-    batch_nfe = batch_passes = 0  # passes, and rows through the model (a pass over B rows counts B)
+    batch_nfe = batch_passes = 0
     gaps = [i for i, sample in enumerate(chunk) if "suffix" in sample]
     if gaps:  # holes before a suffix: filled in place, as many tokens as the answer has
         sizes = [len(tok.encode(chunk[i]["answer"])) for i in gaps]
@@ -215,9 +220,8 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
     records = []
     for index, (sample, prompt, output) in enumerate(zip(chunk, prompts, outputs)):
         output = _cut_at_stop(output, preset.stop)
-        # passes: the forward passes that worked on this row; the batch's row-passes go on its first record
-        record = {"prompt": prompt, "output": output, "generated_tokens": lengths[index], "passes": passes[index],
-                  "batch_nfe": batch_nfe if index == 0 else 0, "batch_row_passes": batch_passes if index == 0 else 0}
+        # passes: the forward passes that worked on this row (a finished row riding along is not counted)
+        record = {"prompt": prompt, "output": output, "generated_tokens": lengths[index], "passes": passes[index]}
         if preset.kind == "exact":
             record.update(target=sample["answer"],
                           correct=tasks.exact_normal(output) == tasks.exact_normal(sample["answer"]))
@@ -234,7 +238,7 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
             record.update(task_id=sample["task_id"], status=result.status, stderr=result.stderr[-1000:],
                           correct=result.passed)
         records.append(record)
-    return records
+    return records, batch_nfe, batch_passes
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
