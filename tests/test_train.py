@@ -185,3 +185,10 @@ def test_config_file_and_overrides(dataset, tmp_path, capsys):
     bad.write_text("data: x\nnot_a_key: 1\n")
     assert main(["train", str(bad)]) == 2
     assert "not_a_key" in capsys.readouterr().err
+
+
+def test_off_a_terminal_training_logs_plain_lines(dataset, tmp_path, capsys):
+    """nohup / Slurm: no progress bar, but one plain line per logged step on stderr."""
+    train(tiny_config(dataset, tmp_path / "run", steps=4, log_every=2, save_every=4, eval_every=4))
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("step ")]
+    assert [x.split(" · ")[0] for x in lines] == ["step 2/4", "step 4/4"] and all("tok/s" in x for x in lines)

@@ -320,7 +320,8 @@ class Trainer:
         losses: list[float] = []
         val_loss, last_ckpt, stopped = None, resume, False
         previous_handlers = self._install_signal_handlers()
-        progress = _Progress(enabled=cfg.progress and self.env.is_main, total=cfg.steps, start=start)
+        progress = _Progress(enabled=cfg.progress and self.env.is_main, total=cfg.steps, start=start,
+                             main=self.env.is_main)
         self.model.train()
         try:
             t_last, tokens_last = time.perf_counter(), tokens
@@ -371,11 +372,13 @@ class Trainer:
 
 
 class _Progress:
-    """A rich progress bar with loss, tokens/s and MFU; silent when disabled."""
+    """A rich progress bar with loss, tokens/s and MFU on a terminal; elsewhere (nohup, Slurm, `--no-progress`) a
+    plain line on stderr at every logged step; nothing on ranks other than the main one."""
 
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
-        self.bar = None
-        if not enabled:
+    def __init__(self, enabled: bool, total: int, start: int, main: bool = True) -> None:
+        self.bar, self.total = None, total
+        self.plain = main and not (enabled and sys.stderr.isatty())
+        if not enabled or self.plain:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -385,6 +388,9 @@ class _Progress:
         self.bar.start()
 
     def update(self, step: int, loss: float | None = None, tps: float | None = None, mfu: float | None = None) -> None:
+        if self.plain and loss is not None:
+            print(f"step {step}/{self.total} · loss {loss:.4f} · {tps:,.0f} tok/s · MFU {100 * mfu:.1f}%",
+                  file=sys.stderr, flush=True)
         if self.bar is None:
             return
         fields = {}
