@@ -55,6 +55,12 @@ class DiffusionLM:
         options.setdefault("eot_token_id", tok.eot_token_id)
         return options
 
+    @property
+    def pad_token_id(self) -> int:
+        """The id that left-pads a batch (masked out by the attention mask): the tokenizer's pad, else the mask."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.mask_token_id
+
     def encode_prompts(self, prompts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (ids, attention_mask) for a batch of prompts (rendered with the chat template if `chat`)."""
         from illada.sampling import left_pad
@@ -62,8 +68,7 @@ class DiffusionLM:
         if chat:
             prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         encoded = [self.tokenizer.encode(p) for p in prompts]
-        pad = self.tokenizer.pad_token_id
-        ids, mask = left_pad(encoded, pad if pad is not None else self.mask_token_id)
+        ids, mask = left_pad(encoded, self.pad_token_id)
         return ids.to(self.device), mask.to(self.device)
 
     def generate(self, prompts: str | list[str], *, chat: bool = False, return_output: bool = False, **options):
@@ -116,8 +121,7 @@ class DiffusionLM:
         if max(len(c) for c in canvases) > self.config.max_seq_len:
             raise IlladaError(f"infill: text + gap ({max(len(c) for c in canvases)} tokens) exceeds the context "
                               f"({self.config.max_seq_len})")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else mask_id
-        ids, mask = left_pad(canvases, pad)
+        ids, mask = left_pad(canvases, self.pad_token_id)
         with torch.inference_mode():
             output = fill_masks(self.model, ids.to(self.device), mask_id, attention_mask=mask.to(self.device),
                                 threshold=threshold)

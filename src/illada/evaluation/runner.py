@@ -211,7 +211,7 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
         for i, text, size, own in zip(gaps, filled, sizes, out.row_nfe.tolist()):
             outputs[i], lengths[i], passes[i] = text, size, own
         batch_passes, batch_nfe = batch_passes + out.nfe * len(gaps), batch_nfe + out.nfe
-    rest = [i for i in range(len(chunk)) if i not in set(gaps)]
+    rest = sorted(set(range(len(chunk))) - set(gaps))
     if rest:
         texts, out = lm.generate([prompts[i] for i in rest], seed=seed, return_output=True, **options)
         for i, text, size, own in zip(rest, texts, out.generated_lengths.tolist(), out.row_nfe.tolist()):
