@@ -206,6 +206,17 @@ def test_sft_variable_is_prompt_response_eos_stream(tmp_path, tok):
     assert PackedTokens(tmp_path / "out").read(0, len(want)).tolist() == want
 
 
+def test_sft_prompt_completion_records_are_used_as_written(tmp_path, tok):
+    records = [{"prompt": "Question: 2+2?\nAnswer:", "completion": " 4"}, CHATS[0],
+               {"prompt": "x", "completion": "  "}]  # the last is empty: skipped
+    src = write_jsonl(tmp_path / "pc.jsonl", records)
+    manifest = prepare_sft([src], tmp_path / "out", "bytes", format="variable", progress=False)
+    raw = list(tok.encode("Question: 2+2?\nAnswer:")) + list(tok.encode(" 4")) + [tok.eos_token_id]
+    assert "<|" not in tok.decode(raw[:-1])  # no template tokens around a plain prompt
+    assert naive_stream(tmp_path / "out").tolist() == raw + [t for p, r in hand_pairs(tok)[:1] for t in p + r]
+    assert manifest["num_examples"] == 2 and manifest["skipped"] == 1
+
+
 def test_sft_pairs_keep_prompt_and_response_apart(tmp_path, tok):
     src = write_jsonl(tmp_path / "chat.jsonl", CHATS)
     manifest = prepare_sft([src], tmp_path / "out", "bytes", format="pairs", shard_tokens=40, progress=False)

@@ -149,6 +149,16 @@ def test_tasks_make_cli_writes_the_records(tmp_path, capsys):
     assert "3 sudoku test records (eval" in capsys.readouterr().out
 
 
+def test_completion_records_split_the_pretraining_document():
+    task = get_task("arithmetic")
+    for record, text in zip(make_records(task, "train", 20, "completion", seed=3),
+                            make_records(task, "train", 20, "text", seed=3)):
+        assert set(record) == {"prompt", "completion"}
+        assert record["prompt"].startswith("Question: ") and record["prompt"].endswith("\nAnswer:")
+        # the same problem: the document text is the bare question + working, or prompt + completion verbatim
+        assert text["text"].endswith(record["completion"].lstrip())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bogus", "--n", "3"], "unknown task 'bogus'"),
     (["arithmetic", "--n", "0"], "n must be a positive integer"),

@@ -11,7 +11,8 @@ Documents:
   UTF-8 character boundary).
 - JSONL: one document per line, taken from `text_field`.
 - chat JSONL (SFT): `{"messages": [{"role", "content"}, ...]}` whose last message is the assistant's response, or
-  `{"prompt", "response"}`. The prompt (all messages before the response) is rendered with the chat template and
+  `{"prompt", "response"}`, or a plain `{"prompt", "completion"}` pair of strings used as written (no template).
+  Otherwise the prompt (all messages before the response) is rendered with the chat template and
   `add_generation_prompt=True`; prompt and response are tokenised separately (as at generation time, when the
   prompt is tokenised alone) and the response gets one EOS. "variable" writes prompt + response + EOS into one
   packed stream; "pairs" keeps (prompt, response) apart for LLaDA SFT.
@@ -269,8 +270,20 @@ def split_chat(record: object) -> tuple[list[dict], str]:
     return prompt, response
 
 
+def split_completion(record: dict) -> tuple[str, str]:
+    """(prompt, completion) of a prompt-completion record, used as written (no chat template, as in TRL)."""
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise _BadRecord("'prompt' and 'completion' must both be strings")
+    if not completion.strip():
+        raise _BadRecord("empty completion")
+    return prompt, completion
+
+
 def _chat_parser(tokenizer: "Tokenizer") -> Callable[[object], tuple[str, ...]]:
     def parse(record: object) -> tuple[str, ...]:
+        if isinstance(record, dict) and "completion" in record:
+            return split_completion(record)
         prompt, response = split_chat(record)
         try:
             rendered = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)

@@ -12,8 +12,10 @@ from illada.errors import IlladaError
 from illada.files import write_atomic
 
 SPLITS = ("train", "test")
-# text: pre-training documents {"text"}; sft: chats {"messages"}; eval: the records `illada eval` reads
-FORMATS = ("text", "sft", "eval")
+# text: pre-training documents {"text"}; sft: chats {"messages"}; completion: {"prompt", "completion"} strings that
+# SFT trains on as they are (no chat template, loss on the completion), so a plain eval prompt matches training;
+# eval: the records `illada eval` reads
+FORMATS = ("text", "sft", "completion", "eval")
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class Task:
 
 
 def make_records(task: Task, split: str, n: int, fmt: str, seed: int = 0, unique: bool = False) -> list[dict]:
-    """`n` records of `task` in format `fmt` (text | sft | eval); `unique`: no problem twice (eval sets)."""
+    """`n` records of `task` in format `fmt` (text | sft | completion | eval); `unique`: no problem twice."""
     if split not in SPLITS:
         raise IlladaError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if fmt not in FORMATS:
@@ -86,6 +88,8 @@ def make_records(task: Task, split: str, n: int, fmt: str, seed: int = 0, unique
         elif fmt == "sft":
             records.append({"messages": [{"role": "user", "content": example.prompt.strip()},
                                          {"role": "assistant", "content": example.response.strip()}]})
+        elif fmt == "completion":
+            records.append({"prompt": example.prompt, "completion": example.response})
         else:
             records.append(dict(example.record))
         if len(records) == n:
