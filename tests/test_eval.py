@@ -1,9 +1,6 @@
 """`illada eval`: answer extraction on tricky strings, the sandbox (time limit, no network, no processes, memory),
 prompts and few-shot selection, presets against reference §6.3, and the runner/CLI end to end on a tiny model."""
 import json
-import socket
-import threading
-import time
 
 import pytest
 
@@ -13,7 +10,6 @@ from illada.checkpoint import save_checkpoint
 from illada.config import preset
 from illada.errors import IlladaError
 from illada.evaluation import PRESETS, evaluate, get_preset, load_samples, run_python
-from illada.evaluation import sandbox
 from illada.evaluation.answers import extract_answer, extract_gold, extract_letter, normalize_number, numbers_equal
 from illada.evaluation.tasks import fewshot_examples, gsm8k_prompt, humaneval_program, mmlu_request
 from illada.model import build_model
@@ -58,70 +54,6 @@ def test_gold_and_comparison():
                                             ("<think>A or B</think>C", "C"), ("E", None), ("none", None)])
 def test_extract_letter(text, expected):
     assert extract_letter(text, 4) == expected
-
-
-# ---------------------------------------------------------------------------------------------------- sandbox
-def test_sandbox_kills_an_infinite_loop():
-    began = time.perf_counter()
-    result = run_python("while True:\n    pass\n", timeout=1.0)
-    assert result.status == "timeout" and not result.passed
-    assert time.perf_counter() - began < 5
-
-
-def test_sandbox_runs_in_a_fresh_temp_dir_and_reports_failures():
-    ok = run_python("import os\nopen('x.txt', 'w').write('hi')\nprint(os.getcwd())\n")
-    assert ok.passed and "illada-sandbox-" in ok.stdout
-    cwd = ok.stdout.strip()
-    import os
-    assert not os.path.exists(cwd)  # deleted afterwards
-    bad = run_python("assert 1 + 1 == 3\n")
-    assert bad.status == "failed" and "AssertionError" in bad.stderr
-    big = run_python("x = bytearray(1 << 31)\n", memory_mb=256)
-    assert big.status == "failed" and "MemoryError" in big.stderr
-    spawn = run_python("import subprocess\nsubprocess.run(['true'])\n")
-    assert spawn.status == "failed" and "not allowed" in spawn.stderr
-
-
-@pytest.fixture
-def listener():
-    """A TCP server on this machine's loopback that answers one connection."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    server.settimeout(10)
-
-    def serve():
-        try:
-            for _ in range(4):
-                conn, _ = server.accept()
-                conn.sendall(b"hello")
-                conn.close()
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    server.close()
-
-
-CONNECT = """
-import socket
-s = socket.create_connection(("127.0.0.1", {port}), timeout=3)
-assert s.recv(5) == b"hello"
-print("CONNECTED")
-"""
-
-
-@pytest.mark.parametrize("namespace", [True, False])
-def test_sandbox_blocks_an_outbound_connection(listener, monkeypatch, namespace):
-    program = CONNECT.format(port=listener)
-    # The same program connects when the guard is off: the test can tell blocked from broken.
-    assert "CONNECTED" in run_python(program, allow_network=True).stdout
-    if not namespace:  # the in-process guard alone (machines without unprivileged user namespaces)
-        monkeypatch.setattr(sandbox, "network_namespace_prefix", lambda: ())
-    result = run_python(program)
-    assert result.status == "failed" and "CONNECTED" not in result.stdout
 
 
 # ------------------------------------------------------------------------------------------------- prompts, data
@@ -202,7 +134,7 @@ def with_output(texts: list[str]):
     return texts, type("Output", (), {"generated_lengths": lengths, "row_nfe": lengths, "nfe": int(lengths.max())})()
 
 
-def test_humaneval_runner_scores_in_the_sandbox(monkeypatch, tmp_path):
+def test_humaneval_runner_scores_in_the_sandbox(monkeypatch, tmp_path, sandbox_available):
     lm = tiny_lm()
     completions = {"def add": "    return a + b\n\ndef helper():\n    pass",  # cut at the "\ndef " stop
                    "def neg": "    while True:\n        pass\n",  # killed by the timeout

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N samples")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval test program")
+    parser.add_argument("--allow-unsandboxed-code", action="store_true",
+                        help="UNSAFE: where bubblewrap is missing, run model-written HumanEval code anyway, with only "
+                             "resource limits and a timeout (it can read and change your files)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="write DIR/<task>.json (results) and DIR/<task>.samples.jsonl (per-sample log)")
@@ -60,9 +63,12 @@ def run(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise IlladaError(f"--out {out} exists and is not a directory")
         out.mkdir(parents=True, exist_ok=True)
+    if preset.kind == "humaneval":  # before loading anything: no isolation, no run (unless opted in)
+        from illada.evaluation.sandbox import require_isolation
+        require_isolation(args.allow_unsandboxed_code)
     lm = illada.load(args.model, device=args.device, dtype=args.dtype)
     result = evaluate(lm, preset, samples, fewshot_pool=fewshot, limit=args.limit, batch_size=args.batch_size,
-                      seed=args.seed, timeout=args.timeout,
+                      seed=args.seed, timeout=args.timeout, allow_unsandboxed=args.allow_unsandboxed_code,
                       log_path=out / f"{preset.name}.samples.jsonl" if out else None, progress=not args.no_progress)
     if out is not None:
         write_results(result, out / f"{preset.name}.json")

@@ -14,7 +14,7 @@ from typing import Iterator
 from illada.evaluation import tasks
 from illada.evaluation.answers import extract_answer, extract_letter, numbers_equal
 from illada.evaluation.presets import TaskPreset
-from illada.evaluation.sandbox import run_python
+from illada.evaluation.sandbox import require_isolation, run_python
 from illada.errors import IlladaError
 
 
@@ -95,13 +95,18 @@ def _chunks(items: list, size: int) -> Iterator[tuple[int, list]]:
 
 def evaluate(lm, preset: TaskPreset, samples: list[dict], *, fewshot_pool: list[dict] | None = None,
              limit: int | None = None, batch_size: int = 8, seed: int = 0, timeout: float = 10.0,
-             log_path: str | Path | None = None, progress: bool = True) -> EvalResult:
+             allow_unsandboxed: bool = False, log_path: str | Path | None = None,
+             progress: bool = True) -> EvalResult:
     """Evaluate `lm` (a `DiffusionLM`) on `samples` (records in the task kind's format) with `preset`.
 
     Few-shot examples come from `fewshot_pool`, or else from the other samples. `limit`: only the first N samples.
     The per-sample log (prompt, output or scores, extracted answer, target, correct) is appended to `log_path`.
+    HumanEval programs run in the bubblewrap sandbox; without one this raises before generating anything, unless
+    `allow_unsandboxed` (then they run with only limits and a timeout).
     """
     preset.validate()
+    if preset.kind == "humaneval":
+        require_isolation(allow_unsandboxed)
     samples = [tasks.normalize_sample(s, preset.kind, f"sample {i + 1}") for i, s in enumerate(samples)]
     if fewshot_pool is not None:
         fewshot_pool = [tasks.normalize_sample(s, preset.kind, f"few-shot example {i + 1}")
@@ -128,7 +133,8 @@ def evaluate(lm, preset: TaskPreset, samples: list[dict], *, fewshot_pool: list[
                 shots = [tasks.fewshot_examples(start + i, pool, preset.num_fewshot, same_data, seed)
                          for i in range(len(chunk))]
                 if preset.method == "generate":
-                    new, nfe, row_passes = _generate_batch(lm, preset, chunk, shots, seed, timeout)
+                    new, nfe, row_passes = _generate_batch(lm, preset, chunk, shots, seed, timeout,
+                                                            allow_unsandboxed)
                     generation["calls"] += nfe
                     generation["rows"] += row_passes
                 else:
@@ -179,7 +185,7 @@ def _score_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[dic
 
 
 def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[dict]], seed: int,
-                    timeout: float) -> tuple[list[dict], int, int]:
+                    timeout: float, allow_unsandboxed: bool = False) -> tuple[list[dict], int, int]:
     """(records, forward passes, rows through the model: a pass over B rows counts B) of one batch."""
     tok = lm.tokenizer
     prompts = []
@@ -234,7 +240,7 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
             record.update(extracted=answer, target=sample["target"], correct=numbers_equal(answer, sample["target"]))
         else:
             program = tasks.humaneval_program(sample, output, preset.chat)
-            result = run_python(program, timeout=timeout)
+            result = run_python(program, timeout=timeout, allow_unsandboxed=allow_unsandboxed)
             record.update(task_id=sample["task_id"], status=result.status, stderr=result.stderr[-1000:],
                           correct=result.passed)
         records.append(record)
