@@ -297,11 +297,37 @@ def _umask() -> int:
     return mask
 
 
+# What an illada checkpoint directory may hold (weights, config, tokenizer, and what export and training put beside
+# them): the only kind of directory a save or convert replaces.
+_CHECKPOINT_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "README.md", "train_config.json", "metrics.jsonl", "loss.png",
+                     "trainer_state.json", "training_state.pt", "LICENSE"}
+
+
+def is_replaceable_checkpoint(path: Path) -> bool:
+    """True for an empty directory or an illada checkpoint (config.json + safetensors, only checkpoint files)."""
+    entries = list(path.iterdir())
+    if not entries:
+        return True
+    names = {e.name for e in entries}
+    if any(e.is_dir() and not e.is_symlink() for e in entries) or "config.json" not in names:
+        return False
+    if not any(n.endswith(".safetensors") for n in names):
+        return False
+    return all(n in _CHECKPOINT_FILES or n.endswith((".safetensors", ".safetensors.index.json", ".jinja"))
+               for n in names)
+
+
 @contextmanager
 def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a fresh directory next to `path`; on success it replaces `path`, on any error it is deleted."""
+    """Yield a fresh directory next to `path`; on success it replaces `path`, on any error it is deleted.
+
+    An existing `path` is replaced only if it is an illada checkpoint (or empty): never a directory of other files."""
     if path.exists() and not path.is_dir():
         raise IlladaError(f"cannot write a checkpoint to {path}: it exists and is not a directory")
+    if path.is_dir() and not is_replaceable_checkpoint(path):
+        raise IlladaError(f"{path} is not an illada checkpoint directory (it holds other files); refusing to replace "
+                          "it: remove it yourself or choose another destination")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -433,6 +459,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str | torch.dtyp
     config, layout, entries = inspect_checkpoint(src)
     if dst.resolve() == src.resolve():
         raise IlladaError(f"convert: source and destination are the same directory ({src})")
+    if src.resolve().is_relative_to(dst.resolve()):
+        raise IlladaError(f"convert: {dst} contains the source {src}; replacing it would delete the source "
+                          "(choose a destination outside it)")
     out_dtype = resolve_dtype(dtype) or _stored_dtype(entries)
     order = {name: i for i, name in enumerate(expected_shapes(config))}
     entries.sort(key=lambda e: order[e.name])

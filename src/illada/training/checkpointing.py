@@ -8,11 +8,15 @@
     out_dir/checkpoints/latest   name of the newest complete checkpoint
 
 Full (unsharded) state dicts make checkpoints independent of the world size and of DDP/FSDP.
+Nothing here deletes what it did not write: staging directories (`.step-N.*`, left by a kill during a save) are
+removed on the next start; pruning removes only complete checkpoints older than the one just saved.
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,12 +32,49 @@ def checkpoints_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def complete_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under out_dir/checkpoints, oldest first."""
+    root = checkpoints_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.fullmatch(path.name)
+        if match and path.is_dir() and (path / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names, else the newest complete one on disk, else None.
+
+    A `latest` naming a missing directory (deleted by hand, a copy that lost it) falls back to the newest complete
+    checkpoint with a note, never to a fresh start over an existing run."""
     pointer = checkpoints_dir(out_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    path = checkpoints_dir(out_dir) / pointer.read_text().strip()
-    return path if (path / "trainer_state.json").is_file() else None
+    complete = complete_checkpoints(out_dir)
+    if pointer.is_file():
+        named = checkpoints_dir(out_dir) / pointer.read_text(errors="replace").strip()
+        if (named / "trainer_state.json").is_file():
+            return named
+        if complete:
+            print(f"illada: {pointer} names {named.name}, which is missing or incomplete; using the newest complete "
+                  f"checkpoint on disk, {complete[-1][1].name}", file=sys.stderr)
+    return complete[-1][1] if complete else None
+
+
+def clean_staging(out_dir: str | Path) -> list[Path]:
+    """Delete the staging directories a killed save left behind (`.step-N.<random>`); returns them."""
+    root = checkpoints_dir(out_dir)
+    removed = []
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.is_dir() and re.fullmatch(r"\.step-\d+\..+", path.name):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
 
 
 def save_training_checkpoint(
@@ -79,21 +120,60 @@ def save_training_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     write_atomic(root / "latest", final.name)
-    kept = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in kept[:-keep]:
+    # only older checkpoints of this run's past: a newer step-N (another timeline, or one resumed around because it
+    # was corrupt) is never ours to delete
+    older = [path for s, path in complete_checkpoints(out_dir) if s < step]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(model state with our parameter names, training state (optimizer, RNG), trainer state) of a checkpoint."""
+    """(model state with our parameter names, training state (optimizer, RNG), trainer state) of a checkpoint.
+
+    Any unreadable part (truncated or garbage files) raises `CorruptCheckpoint` naming the file."""
     from illada.checkpoint import load_checkpoint
 
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise IlladaError(f"{path} is not a training checkpoint (no trainer_state.json)")
-    model, _ = load_checkpoint(path, device="cpu")
+    try:
+        trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int):
+            raise ValueError("no integer 'step'")
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpoint(path, f"trainer_state.json: {error}") from None
+    try:
+        model, _ = load_checkpoint(path, device="cpu")
+    except (IlladaError, OSError, ValueError, RuntimeError) as error:
+        raise CorruptCheckpoint(path, f"weights: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     model_state = model.state_dict()
-    training_state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    try:
+        training_state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        if not isinstance(training_state, dict) or "optimizer" not in training_state:
+            raise ValueError("no optimizer state")
+    except Exception as error:  # torch raises a zoo of types for a truncated zip (RuntimeError, EOFError, ...)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CorruptCheckpoint(path, f"training_state.pt: {message}") from None
     return model_state, training_state, trainer_state
+
+
+class CorruptCheckpoint(IlladaError):
+    """A training checkpoint with an unreadable file."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"checkpoint {path} is unreadable ({reason})")
+        self.path, self.reason = path, reason
+
+
+def newest_intact(out_dir: str | Path, below: int | None = None) -> Path | None:
+    """The newest complete checkpoint (with a step below `below`) whose files all load; None if there is none."""
+    for step, path in reversed(complete_checkpoints(out_dir)):
+        if below is not None and step >= below:
+            continue
+        try:
+            load_training_checkpoint(path)
+        except IlladaError:
+            continue
+        return path
+    return None

@@ -26,6 +26,7 @@ class TrainConfig:
     preset: str = "small"  # model shape for a fresh model: tiny | small | illada-8b | llada-8b
     model_overrides: dict[str, Any] = field(default_factory=dict)  # JSON object of ModelConfig fields, e.g. {"n_layers": 4}
     init_from: str | None = None  # checkpoint directory to start from (SFT); its tokenizer is used
+    resume_from: str | None = None  # resume from this checkpoint of the run instead of the newest (e.g. past a corrupt one)
     seq_len: int = 256  # tokens per training row
     micro_batch_size: int = 8           # rows per forward on each process
     grad_accum: int = 1                 # micro-batches per optimizer step on each process

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from illada.config import ModelConfig
+from illada.files import write_atomic
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -23,17 +25,26 @@ def default_peak_flops(device_type: str) -> float:
 
 
 class MetricsLog:
-    """metrics.jsonl in the run directory; on resume, records after the resumed step are dropped first."""
+    """metrics.jsonl in the run directory; on resume, records after the resumed step are dropped first.
 
-    def __init__(self, out_dir: str | Path, resume_step: int | None = None) -> None:
+    A line that does not parse (the torn last line of a killed write) is dropped with a note, not fatal."""
+
+    def __init__(self, out_dir: str | Path, resume_step: int = 0) -> None:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+        if self.path.exists():
+            kept, torn = [], 0
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except ValueError:
+                    torn += 1
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    kept.append(line)
+            if torn:
+                print(f"illada: {self.path}: dropped {torn} unreadable line(s) (a write cut short)", file=sys.stderr)
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
@@ -42,7 +53,13 @@ class MetricsLog:
     def records(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return [r for r in records if isinstance(r, dict)]
 
 
 def plot_losses(records: list[dict], path: str | Path, title: str = "") -> None:

@@ -21,10 +21,12 @@ import torch.distributed as dist
 
 from illada.config import ModelConfig, preset
 from illada.errors import IlladaError
+from illada.files import write_atomic
 from illada.model import Transformer, build_model
 from illada.runtime import resolve_device
 from illada.training.batches import BatchPlan, PackedRows, PairRows, micro_batch_seed
-from illada.training.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from illada.training.checkpointing import (CorruptCheckpoint, clean_staging, latest_checkpoint,
+                                          load_training_checkpoint, newest_intact, save_training_checkpoint)
 from illada.training.config import TrainConfig
 from illada.training.lr_schedule import build_schedule, set_lr
 from illada.training.metrics import MetricsLog, default_peak_flops, flops_per_token, plot_losses
@@ -190,6 +192,42 @@ class Trainer:
         torch.set_rng_state(training_state["torch_rng"])
         return trainer_state
 
+    def _resume_point(self) -> Path | None:
+        if self.cfg.resume_from is None:
+            return latest_checkpoint(self.out_dir)
+        path = Path(self.cfg.resume_from).expanduser()
+        if not (path / "trainer_state.json").is_file():
+            raise IlladaError(f"--resume-from {path}: not a training checkpoint (no trainer_state.json)")
+        return path
+
+    def _restore_or_explain(self, path: Path) -> dict:
+        try:
+            return self._restore(path)
+        except CorruptCheckpoint as error:
+            step = _step_of(path)
+            fallback = newest_intact(self.out_dir, below=step)
+            hint = (f"; the newest intact checkpoint is {fallback}: resume from it with --resume-from {fallback}"
+                    if fallback is not None else "; there is no intact older checkpoint to resume from")
+            raise IlladaError(f"{error}{hint}") from None
+
+    def _check_fresh_start(self) -> None:
+        """Refuse to start over an earlier run's records: its metrics are never deleted implicitly."""
+        metrics, saved = self.out_dir / "metrics.jsonl", self.out_dir / "train_config.json"
+        if not metrics.exists():
+            return
+        same = False
+        try:
+            recorded = json.loads(saved.read_text(encoding="utf-8"))
+            mine = json.loads(json.dumps(self.cfg.to_dict()))  # as written: tuples become lists
+            same = {k: v for k, v in recorded.items() if k != "resume_from"} == \
+                {k: v for k, v in mine.items() if k != "resume_from"}
+        except (OSError, ValueError, AttributeError):
+            pass
+        if not same:
+            raise IlladaError(f"{self.out_dir} holds an earlier run (metrics.jsonl) with a different or no "
+                              f"train_config.json and no checkpoint to resume: choose another --out-dir, or move "
+                              f"that run away yourself")
+
     def _elapsed(self) -> float:
         """Wall seconds of training over every session of this run (resumes add up)."""
         return self._seconds_before + time.perf_counter() - self._began
@@ -305,17 +343,22 @@ class Trainer:
         cfg = self.cfg
         start, tokens, bad_steps = 0, 0, 0
         self._seconds_before, self._began = 0.0, time.perf_counter()
-        resume = latest_checkpoint(self.out_dir)
+        if self.env.is_main:
+            for path in clean_staging(self.out_dir):
+                print(f"illada: removed {path}, the staging directory of a save that was killed", file=sys.stderr)
+        resume = self._resume_point()
         if resume is not None:
-            state = self._restore(resume)
+            state = self._restore_or_explain(resume)
             start, tokens, bad_steps = state["step"], state["tokens"], state.get("consecutive_bad_steps", 0)
             self._seconds_before = float(state.get("train_seconds", 0.0))
             if self.env.is_main:
                 print(f"illada: resuming from {resume} (step {start})", file=sys.stderr)
         elif self.env.is_main:
+            self._check_fresh_start()
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        log = MetricsLog(self.out_dir, resume_step=start if resume is not None else None) if self.env.is_main else None
+            write_atomic(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+        # a fresh start over this very run's aborted first attempt drops its records, as a resume from step 0 would
+        log = MetricsLog(self.out_dir, resume_step=start) if self.env.is_main else None
         end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
         losses: list[float] = []
         val_loss, last_ckpt, stopped = None, resume, False
@@ -358,7 +401,13 @@ class Trainer:
                         plot_losses(log.records(), self.out_dir / "loss.png", title=f"{cfg.objective} · {self.model_config.name}")
                 stop = self._stop_agreed()
                 if done % cfg.save_every == 0 or done == end or stop:
-                    last_ckpt = self.save(done, tokens, bad_steps) or last_ckpt
+                    try:
+                        last_ckpt = self.save(done, tokens, bad_steps) or last_ckpt
+                    except OSError as error:  # disk full, quota, permissions: the previous checkpoint is untouched
+                        raise IlladaError(f"could not save the checkpoint of step {done} "
+                                          f"({error.strerror or error}); the last checkpoint, "
+                                          f"{last_ckpt or 'none'}, is intact: free space and rerun to resume "
+                                          f"from it") from None
                 if stop:
                     stopped = True
                     break
@@ -401,6 +450,11 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
 
 
 def train(cfg: TrainConfig, max_steps: int | None = None) -> TrainResult:
