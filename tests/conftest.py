@@ -17,3 +17,18 @@ def sandbox_available():
         if os.environ.get("ILLADA_REQUIRE_SANDBOX") == "1":
             pytest.fail(f"ILLADA_REQUIRE_SANDBOX=1 but {found}")
         pytest.skip(found)
+
+
+HAMLET = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+          "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A packed byte-level pre-training set of a few Hamlet lines (for trainer tests)."""
+    from illada.data.prepare import prepare_pretrain
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "corpus.txt").write_text(HAMLET)
+    prepare_pretrain([root / "corpus.txt"], root / "packed", "bytes", progress=False)
+    return root / "packed"

@@ -9,23 +9,11 @@ from pathlib import Path
 import pytest
 
 from illada.__main__ import main
-from illada.data.prepare import prepare_pretrain
 from illada.errors import IlladaError
 from illada.training import trainer as trainer_module
 from illada.training.checkpointing import latest_checkpoint
 from illada.training.config import TrainConfig
 from illada.training.trainer import train
-
-TEXT = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 20
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    (root / "corpus.txt").write_text(TEXT)
-    prepare_pretrain([root / "corpus.txt"], root / "packed", "bytes", progress=False)
-    return root / "packed"
-
 
 def cfg(dataset: Path, out_dir: Path, **overrides) -> TrainConfig:
     values = dict(data=str(dataset), out_dir=str(out_dir), preset="tiny", seq_len=32, micro_batch_size=2,

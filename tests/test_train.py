@@ -12,22 +12,9 @@ import pytest
 import torch
 
 from illada.__main__ import main
-from illada.data.prepare import prepare_pretrain
 from illada.training.checkpointing import latest_checkpoint
 from illada.training.config import TrainConfig
 from illada.training.trainer import Trainer, train
-
-TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    (root / "corpus.txt").write_text(TEXT)
-    prepare_pretrain([root / "corpus.txt"], root / "packed", "bytes", progress=False)
-    return root / "packed"
-
 
 def tiny_config(dataset: Path, out_dir: Path, **overrides) -> TrainConfig:
     values = dict(data=str(dataset), out_dir=str(out_dir), preset="tiny", seq_len=32, micro_batch_size=2,
