@@ -49,6 +49,25 @@ def test_generate_prints_prompt_and_the_library_generation(checkpoint, capsys):
     assert stats and int(stats.group(2)) <= 6
 
 
+@pytest.mark.parametrize("mode", ["--variable-length", "--fixed-length"])
+def test_generate_honours_max_new_tokens_exactly_and_caps_with_a_note(checkpoint, capsys, mode):
+    """40 new tokens with 32-token blocks are 40 (not 32, nor an error for the fixed canvas); 1000 on a 96-token
+    context are what fits after the prompt, with a note (they used to be cut to whole blocks, or refused)."""
+    lm = illada.load(checkpoint)
+    room = 96 - len(lm.tokenizer.encode("Hi"))
+    for asked, want in ((40, 40), (1000, room)):
+        code = main(["generate", "Hi", "--model", str(checkpoint), mode, "--max-new-tokens", str(asked),
+                     "--block-length", "32", "--forbid-eos"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert int(re.search(r"\[(\d+) tokens ·", err).group(1)) == want
+        assert (f"note: max_new_tokens {asked} capped to {room}" in err) == (asked > room)
+        steps = want if mode == "--fixed-length" else 32
+        text = expected_text(checkpoint, "Hi", gen_length=want, block_length=32, steps=steps, forbid_eos=True,
+                             variable_length=mode == "--variable-length")
+        assert out == "Hi" + text + "\n"
+
+
 def test_record_html_holds_one_frame_per_step(checkpoint, tmp_path, capsys):
     page = tmp_path / "run.html"
     code = main(["generate", "Hi", "--model", str(checkpoint), "--fixed-length", "--max-new-tokens", "8",
@@ -75,7 +94,7 @@ def test_record_gif_is_an_animated_gif(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--record", "out.png"], "must end in .html or .gif"),
-    (["--max-new-tokens", "500", "--fixed-length"], "exceeds the model context"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--threshold", "1.5"], "threshold must be in [0, 1]"),
     (["--steps", "0"], "steps must be a positive integer"),
 ])

@@ -41,17 +41,25 @@ def batch(prompts=PROMPTS):
 # is never a candidate but keeps its probability mass in the confidence, as in the official generate(); ties go to
 # the leftmost position, EOS confidence -inf commits EOS last).
 # ---------------------------------------------------------------------------------------------------------------
+def ceil_div(a, b):
+    return -(-a // b)
+
+
 def naive_fixed(model, prompt, gen_length, block_length, steps, cfg_scale=0.0, eos_neg_inf=None,
-                threshold=None, factor=None, rule="low_confidence", renormalise=False):
+                threshold=None, factor=None, rule="low_confidence", renormalise=False, steps_for=None):
     """Returns (tokens, forward passes). threshold/factor replace the step plan by the §5.4 rules. `renormalise`:
-    the old, wrong confidence p / (1 - p_mask), for the test that tells the two apart."""
+    the old, wrong confidence p / (1 - p_mask), for the test that tells the two apart. The last block is shorter
+    when gen_length is not a multiple of block_length; `steps_for(s, e)`: steps of the block of generated tokens
+    s..e (default: `steps` shared in proportion to the block lengths, `steps // num_blocks` for equal blocks)."""
     x = list(prompt) + [MASK] * gen_length
     p = len(prompt)
-    num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
+    if steps_for is None:
+        steps_for = lambda s, e: max(1, ceil_div(steps * e, gen_length) - ceil_div(steps * s, gen_length))  # noqa: E731
     nfe = 0
-    for b in range(num_blocks):
-        block = list(range(p + b * block_length, p + (b + 1) * block_length))
+    for s in range(0, gen_length, block_length):
+        e = min(s + block_length, gen_length)
+        steps_per_block = steps_for(s, e)
+        block = list(range(p + s, p + e))
         m = sum(1 for j in block if x[j] == MASK)
         plan = [m // steps_per_block + (1 if i < m % steps_per_block else 0) for i in range(steps_per_block)]
         if threshold is not None or factor is not None:
@@ -263,15 +271,75 @@ def test_variable_length_stops_at_first_eos_and_stop_string():
         run(model, stop_strings=["x"], **options)
 
 
-def test_variable_length_budget_rounded_and_capped_by_context():
-    model = sharp_model(seed=29)
-    out = run(model, gen_length=10, block_length=4, steps=4, variable_length=True)
-    assert out.sequences.shape[1] - out.prompt_length == 8  # 10 rounded down to whole blocks
-    long_prompt = [[10 + i % 100 for i in range(120)]]  # context 128: 8 tokens of room
-    out = run(model, prompts=long_prompt, gen_length=64, block_length=4, steps=4, variable_length=True)
-    assert out.sequences.shape[1] == 128
-    with pytest.raises(IlladaError):
-        run(model, prompts=long_prompt, gen_length=64, block_length=4, steps=4)  # fixed canvas does not fit
+CONTEXT = 128  # the tiny preset's max_seq_len
+
+
+def naive_variable(model, prompt, gen_length, block_length, steps):
+    """iLLaDA variable length (§5.2) for one prompt, without stops: append min(block, budget left) masks at a time
+    and denoise that block alone; a shorter last block gets steps in proportion (the same tokens per pass). The
+    budget is max_new_tokens capped by the context after this prompt."""
+    budget = min(gen_length, CONTEXT - len(prompt))
+    x = list(prompt)
+    while len(x) - len(prompt) < budget:
+        n = min(block_length, budget - (len(x) - len(prompt)))
+        x, _ = naive_fixed(model, x, n, n, ceil_div(steps * n, block_length))
+    return x
+
+
+def naive_fixed_capped(model, prompt, gen_length, block_length, steps):
+    """LLaDA fixed canvas for one prompt with the budget capped by the context: the canvas is the capped budget,
+    the steps keep the requested rate (steps / max_new_tokens per token)."""
+    budget = min(gen_length, CONTEXT - len(prompt))
+    steps_for = lambda s, e: max(1, ceil_div(steps * e, gen_length) - ceil_div(steps * s, gen_length))  # noqa: E731
+    return naive_fixed(model, prompt, budget, block_length, steps, steps_for=steps_for)[0]
+
+
+@pytest.mark.parametrize("variable_length", [True, False])
+@pytest.mark.parametrize("gen_length,block_length,steps", [(10, 4, 4), (10, 4, 2), (7, 3, 7), (5, 8, 5), (9, 4, 9)])
+def test_budget_not_a_multiple_of_the_block_is_honoured_exactly(variable_length, gen_length, block_length, steps):
+    """max_new_tokens is generated exactly (a shorter last block), in both modes, equal to the naive references;
+    it used to be cut to whole blocks (variable length) or refused (fixed canvas)."""
+    model = sharp_model(seed=29 + gen_length + steps)
+    if not variable_length:
+        steps = gen_length if steps == block_length else steps  # fixed canvas: steps are the total
+    out = run(model, gen_length=gen_length, block_length=block_length, steps=steps, variable_length=variable_length)
+    assert out.sequences.shape[1] - out.prompt_length == gen_length
+    assert out.generated_lengths.tolist() == [gen_length] * len(PROMPTS) and not out.notes
+    naive = naive_variable if variable_length else naive_fixed_capped
+    for r, prompt in enumerate(PROMPTS):
+        assert rows(out)[r] == naive(model, prompt, gen_length, block_length, steps)
+
+
+@pytest.mark.parametrize("variable_length", [True, False])
+def test_budget_from_each_rows_own_prompt_near_the_context_end(variable_length):
+    """Prompts of 100 and 120 tokens, context 128, 16 new tokens (issue 12: 200/238, context 256, gen 32): the
+    long row gets its own 8 tokens (a note says the context capped it), the short one all 16, and every row of
+    the batch equals that row alone and the naive reference (the padded width used to cut every row's budget,
+    and a fixed canvas refused the whole batch)."""
+    model = sharp_model(seed=41)
+    prompts = [[10 + i % 90 for i in range(100)], [20 + i % 80 for i in range(120)], [5, 6, 7]]
+    options = dict(gen_length=16, block_length=4, steps=4 if variable_length else 16, variable_length=variable_length)
+    out = run(model, prompts=prompts, **options)
+    assert out.generated_lengths.tolist() == [16, 8, 16] and out.budgets.tolist() == [16, 8, 16]
+    assert len(out.notes) == 1 and "row 1" in out.notes[0] and "capped to 8" in out.notes[0]
+    naive = naive_variable if variable_length else naive_fixed_capped
+    for r, prompt in enumerate(prompts):
+        alone = run(model, prompts=[prompt], **options)
+        want = naive(model, prompt, 16, 4, options["steps"])
+        assert rows(alone, [prompt])[0][:len(want)] == want and alone.generated_tokens()[0] == want[len(prompt):]
+        assert out.generated_tokens()[r] == want[len(prompt):]
+    capped = run(model, prompts=[prompts[1]], **options)
+    assert capped.notes == ["max_new_tokens 16 capped to 8: the prompt (120 tokens) leaves 8 of the model context "
+                            "(128 tokens)"]
+
+
+def test_row_budgets_give_each_row_its_own_budget():
+    model = sharp_model(seed=43)
+    options = dict(gen_length=8, block_length=4, steps=4, variable_length=True)
+    out = run(model, row_budgets=[8, 3, 6], **options)
+    assert out.generated_lengths.tolist() == [8, 3, 6]
+    for r, (prompt, budget) in enumerate(zip(PROMPTS, [8, 3, 6])):
+        assert out.generated_tokens()[r] == naive_variable(model, prompt, budget, 4, 4)[len(prompt):]
 
 
 def test_threshold_one_is_one_token_per_step():
@@ -325,6 +393,9 @@ def test_linear_schedule_exact():
             got = linear_schedule(torch.tensor([m]), s)[0].tolist()
             expected = [m // s + (1 if i < m % s else 0) for i in range(s)]
             assert got == expected and sum(got) == m
+    # per-row steps (rows whose block is shorter get fewer): each row as alone, zeros past its steps
+    got = linear_schedule(torch.tensor([7, 2, 5]), torch.tensor([3, 1, 5])).tolist()
+    assert got == [[3, 2, 2, 0, 0], [2, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
 def test_select_top_uneven_counts_and_neg_inf():
@@ -509,9 +580,9 @@ def test_stream_and_callback_agree_with_generate():
 def test_user_errors():
     model = sharp_model(seed=71)
     with pytest.raises(IlladaError):
-        run(model, gen_length=10, block_length=4, steps=10)  # not whole blocks
+        run(model, prompts=[[10] * 128], gen_length=4, block_length=4, steps=4)  # the prompt fills the context
     with pytest.raises(IlladaError):
-        run(model, gen_length=12, block_length=4, steps=4 * 3 + 1)  # steps not shared equally
+        run(model, gen_length=8, row_budgets=[8, 0, 8])
     with pytest.raises(IlladaError):
         run(model, gen_length=8, bogus=1)
     with pytest.raises(IlladaError):

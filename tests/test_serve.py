@@ -3,6 +3,7 @@ a tiny random model: answers equal the library's own generation of each prompt a
 requests share batches), streams add up to the same text, errors are OpenAI error objects with the right status,
 and a client that goes away (or runs out of time) stops the model's work."""
 import argparse
+import contextlib
 import http.client
 import json
 import math
@@ -180,6 +181,34 @@ def test_stop_string_across_a_block_boundary(server, lm):
             assert r.usage.completion_tokens == 10 and r.model_extra["illada"]["nfe"] == 16
 
 
+@pytest.mark.parametrize("variable_length", [True, False])
+def test_max_tokens_honoured_exactly_and_finish_reason(server, lm, variable_length):
+    """max_tokens 12 with 8-token blocks gives 12 tokens in both modes (it used to give 8, reported as "length",
+    or a 400 for the fixed canvas); a prompt near the context end gets what fits, next to a short prompt in the
+    same batch, each equal to the library's answer alone; "length" only when the budget was used up."""
+    url, _ = server
+    c = client(url)
+    knobs = {"block_length": 8, "forbid_eos": True, "variable_length": variable_length}
+    if not variable_length:
+        knobs["steps"] = 12
+    long_prompt = "y" * 250  # context 256: 6 tokens of room
+    r = c.completions.create(model="tiny-serve", prompt=["To be", long_prompt], max_tokens=12, temperature=0,
+                             extra_body=knobs)
+    for choice, prompt in zip(r.choices, ["To be", long_prompt]):
+        with pytest.warns(UserWarning, match="capped") if prompt == long_prompt else contextlib.nullcontext():
+            want, output = lm.generate(prompt, max_new_tokens=12, return_output=True, **knobs)
+        assert choice.text == want and choice.finish_reason == "length"
+        assert len(output.generated_tokens()[0]) == (12 if prompt == "To be" else 256 - 250)
+    assert r.usage.completion_tokens == 12 + 6
+    # a stop found before the budget: "stop", fewer tokens
+    full = expected(lm, "Now is the", max_new_tokens=12, **knobs)
+    stop = full[3:5]
+    r = c.completions.create(model="tiny-serve", prompt="Now is the", max_tokens=12, temperature=0, stop=[stop],
+                             extra_body=knobs)
+    assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 12
+
+
 def test_n_and_prompt_lists(server, lm):
     url, _ = server
     r = client(url).completions.create(model="tiny-serve", prompt=["A", "Friends, Romans"], n=2, **OPTS,
@@ -320,7 +349,6 @@ def test_queue_full_is_429_and_server_recovers(server, lm):
     ({"prompt": "x", "stepz": 3}, 400, "stepz", "unknown_parameter"),
     ({"prompt": "x", "logprobs": 3}, 400, "logprobs", "unsupported_parameter"),
     ({"prompt": "y" * 300}, 400, "prompt", "context_length_exceeded"),
-    ({"prompt": "x", "variable_length": False, "max_tokens": 12, "block_length": 8}, 400, None, None),
     ({"prompt": [1, 2, 99999]}, 400, "prompt", "invalid_value"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model", "model_not_found"),
     ({"prompt": "z" * 9000}, 413, None, "body_too_large"),

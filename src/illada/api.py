@@ -77,8 +77,12 @@ class DiffusionLM:
         Options are `illada.sampling.SamplingConfig` fields (max_new_tokens, steps, block_length, remasking,
         temperature, cfg_scale, variable_length, threshold, factor, cache, stop_strings, ...). A causal model
         (`--objective ar`) decodes greedily with a KV cache until EOS, within max_new_tokens and the context.
-        With `return_output=True` returns (texts, GenerationOutput) instead.
+        Each row gets exactly max_new_tokens unless a stop ends it first, in both modes (the last block is shorter
+        when it is not a multiple of block_length), capped by the context after its own prompt: a warning says so
+        (and `output.notes`). With `return_output=True` returns (texts, GenerationOutput) instead.
         """
+        import warnings
+
         from illada.sampling import generate
 
         single = isinstance(prompts, str)
@@ -92,9 +96,15 @@ class DiffusionLM:
                 budget = min(options["gen_length"], self.config.max_seq_len - ids.shape[1])
                 output = greedy_generate_ar(self.model, ids, budget, eos_token_id=options["eos_token_id"],
                                             attention_mask=mask)
+                if budget < options["gen_length"]:
+                    output.notes = [f"max_new_tokens {options['gen_length']} capped to {budget}: the prompt "
+                                    f"({ids.shape[1]} tokens) leaves {budget} of the model context "
+                                    f"({self.config.max_seq_len} tokens)"]
             else:
                 # the sampler checks prompt + budget against the context (illada.sampling.blocks.plan_blocks)
                 output = generate(self.model, ids, attention_mask=mask, decode=self.tokenizer.decode, **options)
+        for note in output.notes:
+            warnings.warn(note, stacklevel=2)
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in output.generated_tokens()]
         result = texts[0] if single else texts
         return (result, output) if return_output else result

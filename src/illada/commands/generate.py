@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 from illada.errors import IlladaError
 
@@ -16,7 +17,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="generation budget (fixed canvas: its length)")
+    g.add_argument("--max-new-tokens", type=int, default=128,
+                   help="generation budget: exactly this many tokens unless a stop comes first (capped by the "
+                        "model context, with a note)")
     g.add_argument("--steps", type=int, default=None,
                    help="denoising steps (fixed: total, default max-new-tokens; variable: per block, default block length)")
     g.add_argument("--block-length", type=int, default=32)
@@ -63,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record", default=None, metavar="OUT.html|OUT.gif", help="save the denoising history")
 
 
+def _print_notes(output) -> None:
+    """What the sampler changed in the request (a budget capped by the context), on stderr."""
+    for note in output.notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
 def _token_text(tokenizer):
     return lambda token: tokenizer.decode([token])
 
@@ -82,8 +91,12 @@ def run(args: argparse.Namespace) -> int:
         if args.show or args.record:
             raise IlladaError(f"{lm.name} is an autoregressive model: --show/--record show diffusion canvases")
         began = time.perf_counter()
-        texts, output = lm.generate(prompts, chat=args.chat, return_output=True, max_new_tokens=args.max_new_tokens)
+        with warnings.catch_warnings():  # its notes are printed below, as for the diffusion path
+            warnings.simplefilter("ignore")
+            texts, output = lm.generate(prompts, chat=args.chat, return_output=True,
+                                        max_new_tokens=args.max_new_tokens)
         seconds = time.perf_counter() - began
+        _print_notes(output)
         for prompt, text in zip(prompts, texts):
             print(prompt + text if not args.chat else text)
         generated = int(output.generated_lengths.sum())
@@ -121,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         if live is not None:
             live.stop()
     seconds = time.perf_counter() - began
+    _print_notes(output)
     texts = [lm.tokenizer.decode(t, skip_special_tokens=True) for t in output.generated_tokens()]
     if lm.is_random:
         print("(random-weight stand-in model: the text below is noise)", file=sys.stderr)

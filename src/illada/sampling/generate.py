@@ -128,13 +128,15 @@ class StepEvent:
 
 @dataclass
 class GenerationOutput:
-    sequences: torch.Tensor  # (B, P + G): prompt + generation; after a row's stop point, pad_token_id
+    sequences: torch.Tensor  # (B, P + G): prompt + generation; after a row's stop point or budget, pad_token_id
     nfe: int  # model forward passes (CFG counts 2 per step)
     generated_lengths: torch.Tensor  # (B,) tokens before the first EOS/EOT/stop token (incl. a stop string's tokens)
     tokens_per_forward: float  # committed tokens per row per forward pass
     prompt_length: int  # P: the generation of every row starts at this column
     history: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per step: (canvas, step_of), as in StepEvent
     row_nfe: torch.Tensor | None = None  # (B,) passes that had work for each row (a finished row rides along free)
+    budgets: torch.Tensor | None = None  # (B,) each row's budget: max_new_tokens, capped by the context
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. a budget capped by the context
 
     def generated_tokens(self) -> list[list[int]]:
         """Each row's generation up to its stop point."""
@@ -166,7 +168,7 @@ class _Decoder:
 
     def __init__(self, model: nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  cfg: SamplingConfig, decode: Callable[[list[int]], str] | None,
-                 generator: torch.Generator | None) -> None:
+                 generator: torch.Generator | None, row_budgets: Sequence[int] | None = None) -> None:
         self.model, self.cfg, self.decode = model, cfg, decode
         device = next(model.parameters()).device
         prompt_ids = torch.as_tensor(prompt_ids)
@@ -199,9 +201,15 @@ class _Decoder:
             raise IlladaError("stop_strings need a decode function (the tokenizer)")
 
         self.scheduled = cfg.threshold is None and cfg.factor is None
-        self.plan: BlockPlan = plan_blocks(self.prompt_ids.shape[1], cfg.gen_length, cfg.block_length, cfg.steps,
-                                           cfg.variable_length, _model_config_value(model, "max_seq_len"),
-                                           self.scheduled)
+        # each row's budget from its own prompt length, never from the padded width: a row gives what it gives alone
+        width = self.prompt_ids.shape[1]
+        lens = ([width] * self.prompt_ids.shape[0] if attention_mask is None
+                else attention_mask.sum(-1).tolist())
+        self.plan: BlockPlan = plan_blocks(lens, cfg.gen_length, cfg.block_length, cfg.steps, cfg.variable_length,
+                                           _model_config_value(model, "max_seq_len"), self.scheduled, width,
+                                           row_budgets)
+        self.budgets = torch.tensor(self.plan.budgets, dtype=torch.long, device=device)  # (B,)
+        self.in_budget = self.plan.in_budget(device)  # (B, budget): the generation columns of each row
         if generator is None and cfg.seed is not None:
             generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.generator = generator
@@ -233,7 +241,7 @@ class _Decoder:
         measured on; the user's bans and filters renormalise, as the official EOS flag does."""
         cfg = self.cfg
         if cfg.end_think_boost and cfg.end_think_ids:
-            logits = end_think_boost(logits, canvas, start, self.mask_id, self.plan.prompt_len, self.plan.budget,
+            logits = end_think_boost(logits, canvas, start, self.mask_id, self.plan.prompt_len, self.budgets,
                                      cfg.end_think_ids, cfg.end_think_boost, cfg.end_think_power)
         user_bans = self.eos_ids if cfg.forbid_eos else []
 
@@ -260,13 +268,13 @@ class _Decoder:
         canvas[row, P:upto] contains a stop token (cut before it) or a stop string (cut after its last token)."""
         p = self.plan.prompt_len
         gen = canvas[:, p:upto]
-        if self.stop_ids:
-            is_stop = torch.isin(gen, torch.tensor(self.stop_ids, device=gen.device))
+        if self.stop_ids:  # columns past a row's budget (padding) are not its generation
+            is_stop = torch.isin(gen, torch.tensor(self.stop_ids, device=gen.device)) & self.in_budget[:, :upto - p]
             found = is_stop.any(-1) & check
             first = is_stop.long().argmax(-1)
             stop_len.copy_(torch.where(found, first, stop_len))
         if self.cfg.stop_strings and self.decode is not None:
-            limits = torch.where(stop_len >= 0, stop_len, torch.full_like(stop_len, gen.shape[1]))
+            limits = torch.where(stop_len >= 0, stop_len, self.budgets.clamp(max=gen.shape[1]))
             rows = check.nonzero().flatten().tolist()
             for row, limit, tokens in zip(rows, limits[rows].tolist(), gen[rows].tolist()):  # tokenizer: per row
                 n = self._stop_string_end(tokens[:limit])
@@ -294,7 +302,7 @@ class _Decoder:
     @torch.no_grad()  # on a generator function torch enters/leaves no_grad around each resume only
     def events(self) -> Iterator[StepEvent]:
         cfg, plan, mask_id = self.cfg, self.plan, self.mask_id
-        canvas, attention_mask = initial_canvas(self.prompt_ids, self.attention_mask, plan, mask_id)
+        canvas, attention_mask = initial_canvas(self.prompt_ids, self.attention_mask, plan, mask_id, self.pad_id)
         b = canvas.shape[0]
         device = canvas.device
         step_of = torch.full_like(canvas, -1)
@@ -308,16 +316,18 @@ class _Decoder:
         step = 0
 
         for block in range(plan.num_blocks):
+            start, end = plan.block_range(block)
             if plan.variable_length:
-                canvas, attention_mask = append_block(canvas, attention_mask, plan.block_length, mask_id)
+                canvas, attention_mask = append_block(canvas, attention_mask, end - start, mask_id, plan, self.pad_id)
                 step_of = torch.cat([step_of, torch.full_like(canvas[:, step_of.shape[1]:], -1)], dim=1)
                 forward.reset()
-            start, end = plan.block_range(block)
-            eligible = (canvas[:, start:end] == mask_id) & active[:, None]
-            schedule = linear_schedule(eligible.sum(-1), plan.steps_per_block) if self.scheduled else None
+            inside = self.in_budget[:, start - plan.prompt_len:end - plan.prompt_len]
+            eligible = (canvas[:, start:end] == mask_id) & inside & active[:, None]
+            block_steps = torch.tensor(plan.row_block_steps(block), dtype=torch.long, device=device)
+            schedule = linear_schedule(eligible.sum(-1), block_steps) if self.scheduled else None
             i = 0
             while eligible.any():
-                if i > plan.block_length + plan.steps_per_block:  # every step commits >= 1 token per busy row
+                if i > plan.block_length + plan.max_block_steps:  # every step commits >= 1 token per busy row
                     raise RuntimeError("sampler made no progress on a block (bug)")
                 row_nfe += eligible.any(-1).long() * (2 if cfg.cfg_scale else 1)
                 logits = self._block_logits(forward, canvas, attention_mask, start, end, i)
@@ -343,11 +353,12 @@ class _Decoder:
             self._find_stops(canvas, end, stop_len, active & (stop_len < 0))
             if plan.variable_length or cfg.early_stop:
                 active &= stop_len < 0
+            active &= self.budgets > end - plan.prompt_len  # a row whose budget is spent is done
             if not active.any():
                 break
 
         gen_width = canvas.shape[1] - plan.prompt_len
-        lengths = torch.where(stop_len >= 0, stop_len, torch.full_like(stop_len, gen_width))
+        lengths = torch.where(stop_len >= 0, stop_len, self.budgets.clamp(max=gen_width))
         keep = torch.arange(gen_width, device=device)[None, :] < lengths[:, None]
         sequences = canvas.clone()
         sequences[:, plan.prompt_len:] = torch.where(keep, canvas[:, plan.prompt_len:],
@@ -355,7 +366,8 @@ class _Decoder:
         per_row = committed_total.float().mean().item()
         output = GenerationOutput(sequences=sequences, nfe=self.nfe, generated_lengths=lengths,
                                   tokens_per_forward=per_row / self.nfe if self.nfe else 0.0,
-                                  prompt_length=plan.prompt_len, row_nfe=row_nfe)
+                                  prompt_length=plan.prompt_len, row_nfe=row_nfe, budgets=self.budgets,
+                                  notes=list(plan.notes))
         yield StepEvent(step, block, torch.zeros_like(canvas, dtype=torch.bool), sequences, step_of,
                         torch.ones(b, dtype=torch.bool, device=device), self.nfe, done=True, output=output)
 
@@ -367,11 +379,13 @@ def _resolve_config(config: SamplingConfig | None, options: dict) -> SamplingCon
 
 def stream(model: nn.Module, prompt_ids: torch.Tensor, *, config: SamplingConfig | None = None,
            attention_mask: torch.Tensor | None = None, decode: Callable[[list[int]], str] | None = None,
-           generator: torch.Generator | None = None, **options) -> Iterator[StepEvent]:
+           generator: torch.Generator | None = None, row_budgets: Sequence[int] | None = None,
+           **options) -> Iterator[StepEvent]:
     """Iterate over the denoising steps: one `StepEvent` per step, then a final one with done=True whose `output`
-    is the `GenerationOutput` (without history). Options are `SamplingConfig` fields."""
+    is the `GenerationOutput` (without history). Options are `SamplingConfig` fields. `row_budgets`: a
+    max_new_tokens per row instead of gen_length (the server's rows of one batch, each with its own budget)."""
     cfg = _resolve_config(config, options)
-    return _Decoder(model, prompt_ids, attention_mask, cfg, decode, generator).events()
+    return _Decoder(model, prompt_ids, attention_mask, cfg, decode, generator, row_budgets).events()
 
 
 def generate(model: nn.Module, prompt_ids: torch.Tensor, *, config: SamplingConfig | None = None,
@@ -384,6 +398,8 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, *, config: SamplingConf
     cfg_scale, mask_id, variable_length, threshold, factor, cache, top_k, top_p, eos_token_id, eot_token_id,
     forbid_eos, eos_confidence, stop_token_ids, stop_strings, end_think_ids, end_think_boost, end_think_power,
     seed, ...). `decode` (token ids -> text) is needed for stop_strings; `callback` sees every StepEvent.
+    Every row generates at most max_new_tokens (exactly that many when nothing stops it), capped by the model
+    context after its own prompt; `output.notes` says when a cap applied.
     """
     history: list[tuple[torch.Tensor, torch.Tensor]] = []
     output = None

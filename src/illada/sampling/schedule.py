@@ -6,15 +6,19 @@ from __future__ import annotations
 import torch
 
 
-def linear_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
-    """Tokens to commit at each of `steps` steps, (B, steps), for `masked` (B,) masked tokens per row.
+def linear_schedule(masked: torch.Tensor, steps: int | torch.Tensor) -> torch.Tensor:
+    """Tokens to commit at each step, (B, max steps), for `masked` (B,) masked tokens per row and `steps` steps
+    (one int, or (B,) per row: the columns past a row's steps are 0).
 
     Every step gets `m // steps`; the first `m % steps` steps get one more, so the counts sum to m.
     """
     masked = masked.long()
-    base = (masked // steps)[:, None]
-    extra = (torch.arange(steps, device=masked.device)[None, :] < (masked % steps)[:, None]).long()
-    return base + extra
+    per_row = torch.as_tensor(steps, device=masked.device).long().expand_as(masked).clamp(min=1)
+    width = int(per_row.max()) if per_row.numel() else 1
+    cols = torch.arange(width, device=masked.device)[None, :]
+    base = (masked // per_row)[:, None]
+    extra = (cols < (masked % per_row)[:, None]).long()
+    return torch.where(cols < per_row[:, None], base + extra, torch.zeros_like(base + extra))
 
 
 def _sorted_eligible(confidence: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ class Row:
     tokens: list[int]  # the prompt
     key: tuple  # rows with equal keys may share a batch
     by_block: bool  # scheduled one block at a time (rows join and leave at block boundaries)
-    blocks: int = 0  # block mode: the row's budget in blocks
+    left: int = 0  # tokens of the row's budget not yet generated (max_tokens, capped by the context)
     generated: list[int] = field(default_factory=list)  # block mode: finished blocks so far
     steps: int = 0  # block mode: denoising steps so far (offsets the canvas stream's step numbers)
     nfe: int = 0  # forward passes this row took part in
@@ -170,8 +170,8 @@ class Batcher:
         self.start()  # normally started by the app's lifespan already
         ticket = Ticket(request, loop)
         key, by_block = schedule(request.options)
-        blocks = request.options["gen_length"] // request.options["block_length"]
-        rows = [Row(ticket, i, tokens, key, by_block, blocks) for i, tokens in enumerate(request.rows)]
+        rows = [Row(ticket, i, tokens, key, by_block, self._budget(tokens, request.options["gen_length"]))
+                for i, tokens in enumerate(request.rows)]
         with self._cond:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", "server_error")
@@ -182,6 +182,15 @@ class Batcher:
             self._pending.extend(rows)
             self._cond.notify_all()
         return ticket
+
+    def _budget(self, tokens: list[int], wanted: int) -> int:
+        """A row's budget: exactly max_tokens, capped by the context after its own prompt (logged)."""
+        context = self.handle.config.max_seq_len
+        budget = min(wanted, context - len(tokens))
+        if budget < wanted:
+            log.info("max_tokens %d capped to %d: the prompt (%d tokens) leaves %d of the model context (%d tokens)",
+                     wanted, budget, len(tokens), budget, context)
+        return budget
 
     @contextmanager
     def hold(self) -> Iterator[None]:
@@ -264,8 +273,10 @@ class Batcher:
         lm = self.handle
         by_block = rows[0].by_block
         options = dict(rows[0].ticket.request.options)
+        budgets = None
         if by_block:  # one block; stop strings are checked here on the whole text, which spans blocks
             options.update(gen_length=options["block_length"], stop_strings=())
+            budgets = [min(options["block_length"], row.left) for row in rows]  # a shorter last block
         for row in rows:
             if row.ticket.request.stream and row.text is None:
                 row.text = TextStream(lambda t: self._decode(t, skip_special_tokens=True), self._mask_id,
@@ -275,7 +286,7 @@ class Batcher:
         width = ids.shape[1]
         self.metrics.batch(len(rows))
         last_nfe = 0
-        events = stream(lm.model, ids, attention_mask=mask, decode=self._decode, **options)
+        events = stream(lm.model, ids, attention_mask=mask, decode=self._decode, row_budgets=budgets, **options)
         try:
             for event in events:
                 self.metrics.add(nfe=event.nfe - last_nfe)
@@ -284,7 +295,7 @@ class Batcher:
                     self.metrics.add(batches_stopped=1)
                     return
                 if event.done:
-                    self._finish(rows, event, width)
+                    self._finish(rows, event)
                     return
                 if any(row.text is not None for row in rows):
                     self._step(rows, event, width)
@@ -302,7 +313,7 @@ class Batcher:
         for b, row in enumerate(rows):
             if row.text is None or row.ticket.cancelled:
                 continue
-            generation = row.generated + fresh[b]
+            generation = row.generated + fresh[b][:row.left]  # past the row's budget: padding
             if row.ticket.request.stream_canvas:
                 offset = len(row.generated)
                 columns = event.committed[b, width:].nonzero().flatten().tolist()
@@ -313,11 +324,11 @@ class Batcher:
             if delta:
                 row.ticket.push(row.index, "text", delta)
 
-    def _finish(self, rows: list[Row], event, width: int) -> None:
+    def _finish(self, rows: list[Row], event) -> None:
         """Take in the batch's output: answer finished rows; block-mode rows with budget left go on."""
         output = event.output
         new_tokens = output.generated_tokens()
-        block_width = output.sequences.shape[1] - width
+        budgets = output.budgets.tolist()
         for b, row in enumerate(rows):
             if self._cancelled(row):
                 continue
@@ -325,11 +336,12 @@ class Batcher:
             row.nfe += output.nfe
             row.steps += event.step
             row.generated += new_tokens[b]
-            stopped = len(new_tokens[b]) < block_width  # a stop token (cut before it) or the sampler's stop string
+            # a stop token (cut before it) or the sampler's stop string ended the row before its budget
+            stopped = len(new_tokens[b]) < budgets[b]
+            row.left -= len(new_tokens[b])
             text, hit = cut_at_stop(self._decode(row.generated, skip_special_tokens=True), request.stop)
             if row.by_block:
-                row.blocks -= 1
-                if not (stopped or hit or row.blocks == 0):
+                if not (stopped or hit or row.left <= 0):
                     continue  # next block
                 if hit:  # count the tokens up to the end of the stop string, as the sampler does
                     row.generated = row.generated[:self._stop_string_end(row.generated, request.stop)]

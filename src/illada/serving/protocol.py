@@ -318,13 +318,8 @@ def parse_request(body: dict, *, chat: bool, handle, model_ids: tuple[str, ...],
         raise bad("the prompt is empty", "messages" if chat else "prompt", "invalid_value")
     try:
         options = sampling_options(options)
-        if options["variable_length"]:
-            # The budget shrinks to what fits; every row of a batch then fits too (batches share gen_length).
-            options["gen_length"] = min(options["gen_length"], context - longest)
-            options["block_length"] = min(options["block_length"], options["gen_length"])
-        elif longest + options["gen_length"] > context:
-            raise bad(f"the prompt ({longest} tokens) + max_tokens ({options['gen_length']}) exceed the model "
-                      f"context of {context} tokens", "max_tokens", "context_length_exceeded")
+        # Each row's budget is max_tokens capped by the context after its own prompt, in both modes (the sampler
+        # and the batcher do it per row; finish_reason "length" then means that budget was used up).
         config = SamplingConfig(**options)
         for tokens in prompts:
             plan_blocks(len(tokens), config.gen_length, config.block_length, config.steps, config.variable_length,
