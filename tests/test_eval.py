@@ -3,6 +3,7 @@ prompts and few-shot selection, presets against reference §6.3, and the runner/
 import json
 
 import pytest
+import torch
 
 import illada.__main__ as cli
 from illada.api import DiffusionLM
@@ -240,6 +241,51 @@ def test_eval_cli_mmlu_by_mc_likelihood(checkpoint, tmp_path, eval_cli):
     assert code == 0
     records = [json.loads(x) for x in (tmp_path / "o" / "mmlu.samples.jsonl").read_text().splitlines()]
     assert records[0]["choices"] == [" A", " B", " C"] and "about colours" in records[0]["prompt"]
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and keeps every (input_ids, attention_mask) it is fed."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config, self.calls = inner, inner.config, []
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        self.calls.append((input_ids.clone(), None if attention_mask is None else attention_mask.clone()))
+        return self.inner(input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_mmlu_preset_scores_bos_context_mask_eos(monkeypatch, published):
+    """The MMLU/CMMLU preset feeds BOS + context + [MASK] + EOS (the published iLLaDA eval: mc_num 1, BOS
+    prepended, EOS appended) and scores the gold letter at the mask; add_bos/append_eos False give the plain
+    context + [MASK]. Letters without the space, so that they are one byte token each."""
+    import illada.evaluation.runner as runner
+
+    lm = tiny_lm(seed=5)
+    recorder = Recorder(lm.model)
+    lm.model = recorder
+    plain = runner.tasks.mmlu_request
+    monkeypatch.setattr(runner.tasks, "mmlu_request", lambda s, d: (plain(s, d)[0], [c.strip() for c in plain(s, d)[1]]))
+    task = PRESETS["mmlu"].replace(num_fewshot=0)
+    assert (task.add_bos, task.append_eos) == (True, True) and "BOS + context + [MASK] + EOS" in task.description
+    if not published:
+        task = task.replace(add_bos=False, append_eos=False)
+    samples = [dict(s, subject="colours") for s in MC]
+    result = evaluate(lm, task, samples, batch_size=1, progress=False)
+    tok = lm.tokenizer
+    mask, bos, eos = lm.mask_token_id, tok.bos_token_id, tok.eos_token_id
+    assert len(recorder.calls) == len(samples)  # one pass per question, shared by its letters
+    for (ids, attention), sample, record in zip(recorder.calls, samples, result.records):
+        context = tok.encode(record["prompt"].rstrip())
+        want = [bos] + context + [mask, eos] if published else context + [mask]
+        assert attention is None and ids.tolist() == [want]
+        with torch.no_grad():  # the naive score: log-softmax at the mask of that one row
+            logp = torch.log_softmax(recorder.inner(torch.tensor([want]))[0, len(want) - (2 if published else 1)]
+                                     .float(), -1)
+        letters = [tok.encode(c) for c in record["choices"]]
+        assert all(len(t) == 1 for t in letters)
+        assert record["scores"] == pytest.approx([logp[t[0]].item() for t in letters], abs=1e-5)
 
 
 def test_generation_presets_run_the_real_sampler():

@@ -22,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=None, choices=["confidence", "mc", "exact", "generate"],
                         help="override the scoring method of a choice task")
     parser.add_argument("--mc-num", type=int, default=None, help="Monte Carlo samples for --method mc")
+    parser.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="likelihood scoring (exact, mc): prepend BOS (default: the preset's; mmlu/cmmlu: yes)")
+    parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=None,
+                        help="likelihood scoring (exact, mc): append EOS after the answer (default: the preset's; "
+                             "mmlu/cmmlu: yes, the published BOS + context + [MASK] + EOS)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--block-length", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -53,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     preset = get_preset(args.task, instruct=args.instruct)
     preset = preset.replace(method=args.method, num_fewshot=args.num_fewshot, mc_num=args.mc_num,
+                            add_bos=args.add_bos, append_eos=args.append_eos,
                             max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps,
                             variable_length=args.variable_length, threshold=args.threshold, factor=args.factor,
                             cache=args.cache, remasking=args.remasking, temperature=args.temperature)

@@ -1,7 +1,8 @@
 """Per-task evaluation settings, reproducing the iLLaDA paper's protocols (reference §6.3).
 
 Base models: ARC-C / HellaSwag / PIQA by confidence scoring, 0-shot; MMLU / CMMLU by single-token likelihood,
-5-shot; GSM8K 8-shot by variable-length generation (gen 1024, block 32, 32 steps per block); HumanEval by one fixed
+5-shot, on BOS + context + [MASK] + EOS as the published iLLaDA eval code (mc_num 1, BOS prepended, EOS appended;
+`add_bos=False, append_eos=False` gives the plain context + [MASK]); GSM8K 8-shot by variable-length generation (gen 1024, block 32, 32 steps per block); HumanEval by one fixed
 512-token block. Instruct models (`<task>-instruct`): everything by generation with the chat template, greedy;
 MMLU 5-shot as a multi-turn chat with 3 new tokens; math/code 0-shot with a reasoning prompt, gen 2048, block 32,
 end-think boost 100 with power 3 (power 1 for HumanEval).
@@ -31,6 +32,9 @@ class TaskPreset:
     context_template: str = "{question}"
     choice_template: str = " {choice}"
     mc_num: int = 128
+    # the scored input of the likelihood methods (exact, mc): None = the method's default (no BOS, no EOS)
+    add_bos: bool | None = None
+    append_eos: bool | None = None
     # generation tasks
     max_new_tokens: int = 1024
     block_length: int = 32
@@ -88,9 +92,12 @@ _BASE = [
     TaskPreset("hellaswag", "multiple_choice", "confidence", description="HellaSwag protocol: confidence, 0-shot"),
     TaskPreset("piqa", "multiple_choice", "confidence", context_template="Question: {question}\nAnswer:",
                description="PIQA protocol: confidence, 0-shot"),
-    TaskPreset("mmlu", "mmlu", "exact", num_fewshot=5,
-               description="MMLU protocol: letter answers by single-token likelihood, 5-shot"),
-    TaskPreset("cmmlu", "mmlu", "exact", num_fewshot=5, description="CMMLU protocol (as MMLU)"),
+    TaskPreset("mmlu", "mmlu", "exact", num_fewshot=5, add_bos=True, append_eos=True,
+               description="MMLU protocol: letter answers by single-token likelihood (mc_num 1), 5-shot, on "
+                           "BOS + context + [MASK] + EOS as the published iLLaDA eval (--no-add-bos "
+                           "--no-append-eos: context + [MASK])"),
+    TaskPreset("cmmlu", "mmlu", "exact", num_fewshot=5, add_bos=True, append_eos=True,
+               description="CMMLU protocol (as MMLU: single-token likelihood on BOS + context + [MASK] + EOS)"),
     TaskPreset("gsm8k", "gsm8k", "generate", num_fewshot=8, max_new_tokens=1024, block_length=32, steps=32,
                stop=("Question:",), description="GSM8K: 8-shot, variable-length generation, gen 1024 / block 32"),
     TaskPreset("exact", "exact", "generate", max_new_tokens=64, block_length=32, steps=32,

@@ -173,7 +173,8 @@ def _score_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[dic
         else:
             requests.append(tasks.choice_request(preset, sample, demo))
     pairs = [(context, option) for context, options in requests for option in options]
-    scores, _ = score_pairs(lm, pairs, method=preset.method, mc_num=preset.mc_num, seed=seed)
+    scores, _ = score_pairs(lm, pairs, method=preset.method, mc_num=preset.mc_num, seed=seed,
+                            add_bos=preset.add_bos, append_eos=preset.append_eos)
     records, at = [], 0
     for sample, (context, options) in zip(chunk, requests):
         values = scores[at:at + len(options)]

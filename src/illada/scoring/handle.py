@@ -37,13 +37,15 @@ def _eos(lm) -> int | None:
 
 def score_pairs(lm, pairs: Sequence[tuple[str, str]], *, method: str = "confidence", mc_num: int = 128,
                 batch_size: int = 16, cfg_scale: float = 0.0, seed: int = 0,
-                add_bos: bool | None = None) -> tuple[list[float], list[bool]]:
+                add_bos: bool | None = None, append_eos: bool | None = None) -> tuple[list[float], list[bool]]:
     """(scores, is_greedy) of (context, continuation) text pairs by `method`:
 
     - "confidence": iLLaDA's ranking score (BOS + context + candidate + EOS; is_greedy from its reveal order);
     - "mc": Monte Carlo lower bound on log p (mc_num samples; is_greedy always False: not computed);
     - "exact": log p of a one-token continuation (is_greedy: the token is the argmax).
     `add_bos` None: a BOS is prepended for "confidence" (reference §6.2) and not for the likelihoods.
+    `append_eos` (the likelihoods; "confidence" always appends one): one EOS after the continuation, so with
+    `add_bos` the input is BOS + context + [MASK]... + EOS as in the published iLLaDA MMLU/CMMLU eval.
     A context longer than the model's window is cut from the left (its oldest tokens go).
     """
     if method not in METHODS:
@@ -51,7 +53,10 @@ def score_pairs(lm, pairs: Sequence[tuple[str, str]], *, method: str = "confiden
     bos = _bos(lm, method == "confidence" if add_bos is None else add_bos)
     encoded = [encode_pair(lm.tokenizer, ctx, cont) for ctx, cont in pairs]
     # like lm-evaluation-harness: a context too long for the model loses its oldest tokens (the BOS stays)
-    extra = 1 if method == "confidence" else 0  # the appended EOS
+    eos = _eos(lm) if append_eos and method != "confidence" else None
+    if append_eos and method != "confidence" and eos is None:
+        raise IlladaError("append_eos: the model has no EOS token")
+    extra = 1 if method == "confidence" or eos is not None else 0  # the appended EOS
     limit = lm.config.max_seq_len
     contexts = [bos + c[max(0, len(bos) + len(c) + len(r) + extra - limit):] for c, r in encoded]
     continuations = [r for _, r in encoded]
@@ -65,12 +70,12 @@ def score_pairs(lm, pairs: Sequence[tuple[str, str]], *, method: str = "confiden
     if method == "exact":
         check_one_token(continuations)
         # one pass per distinct context: the candidates of a question share it, and so does is_greedy
-        table = next_token_logprobs(lm.model, contexts, batch_size=batch_size, mask_id=mask_id)
+        table = next_token_logprobs(lm.model, contexts, batch_size=batch_size, mask_id=mask_id, eos_id=eos)
         rows = [table[tuple(c)] for c in contexts]
         return ([float(row[r[0]]) for row, r in zip(rows, continuations)],
                 [int(row.argmax()) == r[0] for row, r in zip(rows, continuations)])
     values = mc_loglikelihood(lm.model, contexts, continuations, mc_num=mc_num, batch_size=batch_size,
-                              cfg_scale=cfg_scale, mask_id=mask_id, seed=seed)
+                              cfg_scale=cfg_scale, mask_id=mask_id, seed=seed, eos_id=eos)
     return list(values), [False] * len(values)
 
 

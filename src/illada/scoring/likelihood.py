@@ -128,12 +128,14 @@ def mc_loglikelihood(
     cfg_scale: float = 0.0,
     mask_id: int | None = None,
     seed: int = 0,
+    eos_id: int | None = None,
 ) -> float | list[float]:
     """Monte Carlo lower bound on log p(continuation | context) in nats (reference §6.1).
 
     `continuation_ids` is one token list (returns a float) or a list of them (returns a list; `context_ids` is then
     one shared context or one per continuation). `batch_size` rows per forward pass (the values do not depend on
     it); a continuation of length 1 costs one row (exact), any other `mc_num` rows. Deterministic given `seed`.
+    With `eos_id`, one EOS follows the continuation (context + continuation + EOS, the published iLLaDA input).
     """
     if mc_num < 1 or batch_size < 1:
         raise IlladaError(f"mc_num and batch_size must be >= 1, got {mc_num} and {batch_size}")
@@ -141,7 +143,8 @@ def mc_loglikelihood(
         raise IlladaError(f"cfg_scale must be >= 0, got {cfg_scale}")
     mask_id = resolve_mask_id(model, mask_id)
     pairs, single = as_pairs(context_ids, continuation_ids)
-    check_fits(model, pairs)
+    tail = [] if eos_id is None else [int(eos_id)]
+    check_fits(model, pairs, extra=len(tail))
     device = model_device(model)
 
     # Every row: (pair index, masked positions of the continuation, weight L / l).
@@ -162,17 +165,17 @@ def mc_loglikelihood(
             noisy = list(cont)
             for i in masked:
                 noisy[i] = mask_id
-            token_rows.append(ctx + noisy)
+            token_rows.append(ctx + noisy + tail)
             targets.append((len(ctx), cont, masked))
         ids, attention_mask = left_pad_rows(token_rows, mask_id, device)
         width = ids.shape[1]
         context_cols = torch.zeros_like(ids, dtype=torch.bool)
         for r, (n_ctx, cont, _) in enumerate(targets):
-            first = width - len(cont) - n_ctx
+            first = width - len(tail) - len(cont) - n_ctx
             context_cols[r, first:first + n_ctx] = True
         logp = torch.log_softmax(guided_logits(model, ids, attention_mask, context_cols, mask_id, cfg_scale), -1)
         for r, ((index, _, weight), (n_ctx, cont, masked)) in enumerate(zip(chunk, targets)):
-            first = width - len(cont)
+            first = width - len(tail) - len(cont)
             cols = torch.tensor([first + i for i in masked], device=device)
             gold = torch.tensor([cont[i] for i in masked], device=device)
             totals[index] += weight * logp[r, cols, gold].sum().item()
@@ -191,18 +194,21 @@ def check_one_token(continuations: Sequence[Sequence[int]]) -> None:
 
 @torch.no_grad()
 def next_token_logprobs(model: nn.Module, contexts: Sequence[Sequence[int]], *, batch_size: int = 32,
-                        mask_id: int | None = None) -> dict[tuple[int, ...], torch.Tensor]:
+                        mask_id: int | None = None, eos_id: int | None = None) -> dict[tuple[int, ...], torch.Tensor]:
     """log p(. | context) at one masked position after each distinct context: (V,) float32 per context, one
-    forward row per distinct context however many candidates share it."""
+    forward row per distinct context however many candidates share it. With `eos_id` the row is
+    context + [MASK] + EOS (the published iLLaDA MMLU input, mc_num 1), else context + [MASK]."""
     mask_id = resolve_mask_id(model, mask_id)
+    tail = [] if eos_id is None else [int(eos_id)]
     unique = list(dict.fromkeys(tuple(int(t) for t in c) for c in contexts))
-    check_fits(model, [(list(c), [mask_id]) for c in unique])
+    check_fits(model, [(list(c), [mask_id]) for c in unique], extra=len(tail))
     device = model_device(model)
     out: dict[tuple[int, ...], torch.Tensor] = {}
     for start in range(0, len(unique), batch_size):
         chunk = unique[start:start + batch_size]
-        ids, attention_mask = left_pad_rows([list(c) + [mask_id] for c in chunk], mask_id, device)
-        logprobs = torch.log_softmax(model(ids, attention_mask=attention_mask)[:, -1].float(), dim=-1).cpu()
+        ids, attention_mask = left_pad_rows([list(c) + [mask_id] + tail for c in chunk], mask_id, device)
+        at = -1 - len(tail)  # the masked position
+        logprobs = torch.log_softmax(model(ids, attention_mask=attention_mask)[:, at].float(), dim=-1).cpu()
         out.update(zip(chunk, logprobs))
     return out
 
@@ -214,12 +220,14 @@ def token_loglikelihood(
     *,
     batch_size: int = 32,
     mask_id: int | None = None,
+    eos_id: int | None = None,
 ) -> float | list[float]:
     """Exact log p(token | context) for one-token continuations: one pass with the token masked (MMLU-style
-    letter answers, reference §6.3 "single-token MC, mc_num 1"); candidates sharing a context share its pass."""
+    letter answers, reference §6.3 "single-token MC, mc_num 1"); candidates sharing a context share its pass.
+    `eos_id`: an EOS after the mask (context + [MASK] + EOS, as the published iLLaDA eval)."""
     pairs, single = as_pairs(context_ids, continuation_ids)
     check_one_token([r for _, r in pairs])
-    table = next_token_logprobs(model, [c for c, _ in pairs], batch_size=batch_size, mask_id=mask_id)
+    table = next_token_logprobs(model, [c for c, _ in pairs], batch_size=batch_size, mask_id=mask_id, eos_id=eos_id)
     values = [float(table[tuple(c)][r[0]]) for c, r in pairs]
     return values[0] if single else values
 
