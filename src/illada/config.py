@@ -2,9 +2,41 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from illada.errors import IlladaError
+
+
+# Shapes beyond these are refused before anything is built (even on the meta device, where 10^8 layers of Python
+# modules alone exhaust memory). The largest published models have ~128 layers and ~2e12 parameters.
+MAX_LAYERS = 4096
+MAX_PARAMETERS = 10**13
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} bytes"
+
+
+def is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def type_mismatch(value: object, annotation: str) -> str | None:
+    """What `value` should be for a dataclass field annotated `annotation` ("int", "float | None", "bool", "str"),
+    or None when it is that: ints exclude bools, floats must be finite (a NaN passes every `<= 0` check)."""
+    if value is None and "None" in annotation:
+        return None
+    if annotation.startswith("int"):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if annotation.startswith("float"):
+        return None if is_finite_number(value) else "a finite number"
+    if annotation.startswith("bool"):
+        return None if isinstance(value, bool) else "true or false"
+    return None if isinstance(value, str) else "a string"
 
 
 @dataclass
@@ -40,12 +72,30 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.n_heads
 
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count from the shapes alone (what `Transformer(config).num_parameters()` gives, without
+        building anything): a tied head counts once; non_embedding drops the embedding and the head."""
+        h, q, kv = self.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        per_layer = 2 * h * q + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h
+        body = self.n_layers * per_layer + h
+        if non_embedding:
+            return body
+        embedding = self.vocab_size * h
+        return body + embedding * (1 if self.tie_word_embeddings else 2)
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            want = type_mismatch(getattr(self, f.name), str(f.type))
+            if want:
+                raise IlladaError(f"model config: {f.name} must be {want}, got {getattr(self, f.name)!r}")
+
     def validate(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
         for key in positive:
             value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise IlladaError(f"model config: {key} must be a positive integer, got {value!r}")
+        self._check_types()
         if self.hidden_size % self.n_heads:
             raise IlladaError(f"model config: hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
         if self.head_dim % 2:
@@ -56,9 +106,17 @@ class ModelConfig:
             raise IlladaError("model config: rope_theta and rms_norm_eps must be positive")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise IlladaError(f"model config: mask_token_id {self.mask_token_id} outside the vocabulary ({self.vocab_size})")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise IlladaError(f"model config: {key} must be non-negative, got {getattr(self, key)}")
+        params = self.num_parameters()
+        if self.n_layers > MAX_LAYERS or params > MAX_PARAMETERS:
+            raise IlladaError(f"model config: {self.n_layers:,} layers and {params:,} parameters (about "
+                              f"{format_bytes(2 * params)} of bf16 weights) is beyond what illada builds (at most "
+                              f"{MAX_LAYERS:,} layers and {MAX_PARAMETERS:.0e} parameters)")
 
     def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **self.check_overrides(changes))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -70,6 +128,17 @@ class ModelConfig:
         if unknown:
             raise IlladaError(f"model config: unknown fields {', '.join(unknown)}")
         return cls(**data)
+
+    @classmethod
+    def check_overrides(cls, overrides: object, what: str = "model overrides") -> dict:
+        """`overrides` as a dict of known field names (types and ranges are checked when the config is built)."""
+        if not isinstance(overrides, dict):
+            raise IlladaError(f"{what}: expected a JSON object of model config fields, got {overrides!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise IlladaError(f"{what}: unknown fields {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}")
+        return overrides
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -9,6 +9,7 @@ key padding (`attention_mask`), block-diagonal packing (`segment_ids`) and optio
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from illada.config import ModelConfig
+from illada.errors import IlladaError
 
 
 class RMSNorm(nn.Module):
@@ -247,9 +249,32 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in params.values())
 
 
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine (None where unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(config: ModelConfig, device: str | torch.device | None) -> None:
+    """Refuse, before allocating, a fresh CPU model whose float32 weights alone exceed the machine's RAM (they are
+    all written by the initialisation, so it could only end in swapping or the OOM killer)."""
+    if torch.device(device or "cpu").type != "cpu":
+        return
+    ram, need = physical_memory(), 4 * config.num_parameters()
+    if ram is not None and need > ram:
+        from illada.config import format_bytes
+
+        raise IlladaError(f"a fresh {config.num_parameters():,}-parameter model needs {format_bytes(need)} for its "
+                          f"float32 weights on cpu, more than this machine's {format_bytes(ram)} of memory")
+
+
 def build_model(config: ModelConfig, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                 seed: int | None = None) -> Transformer:
     """A freshly initialised model; `device='meta'` allocates nothing (for shapes and parameter counts)."""
+    if str(device) != "meta":
+        check_fits_in_memory(config, device)
     with torch.device(device or "cpu"):
         model = Transformer(config)
     if str(device) != "meta":

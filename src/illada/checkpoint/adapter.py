@@ -12,6 +12,7 @@ A `StateDictAdapter` maps names both ways with one table of patterns, where `{}`
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Iterable, Mapping
 
@@ -157,7 +158,8 @@ def _number(data: Mapping[str, Any], key: str, kind: type, default: Any = _MISSI
         if default is _MISSING:
             raise IlladaError(f"config.json: required field {key} is missing")
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (kind is int and value != int(value))):
         raise IlladaError(f"config.json: {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     return kind(value)
 

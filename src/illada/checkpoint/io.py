@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import uuid
@@ -25,14 +26,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from illada.checkpoint.adapter import ADAPTERS, config_from_hf, config_to_hf, detect_layout, name_list
 from illada.config import ModelConfig
 from illada.errors import IlladaError
-from illada.files import read_json_object
+from illada.files import loads_strict, read_json_object
 from illada.model import Transformer
 from illada.runtime import resolve_device, resolve_dtype
 
@@ -120,6 +121,12 @@ def weight_files(path: Path) -> list[Path]:
     raise IlladaError(f"{path}: no weights found (expected {SAFE_WEIGHTS}, {SAFE_INDEX} with shards, or {BIN_WEIGHTS})")
 
 
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message (torch's pickle refusals run to several lines of advice)."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, restricted to tensors (`weights_only=True`: nothing else is ever unpickled)."""
     try:
@@ -127,11 +134,24 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
             state = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
-        raise IlladaError(f"{file}: cannot load as a tensor-only state dict ({error})") from error
+    except pickle.UnpicklingError as error:
+        # torch's message suggests weights_only=False, i.e. running whatever the file contains: never relay that
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f" (it needs {found.group(1)})" if found else ""
+        raise IlladaError(f"{file}: cannot load as a tensor-only state dict: refused, the pickle holds objects "
+                          f"other than tensors{what} (convert it to safetensors where it came from)") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        raise IlladaError(f"{file}: cannot load as a tensor-only state dict ({_first_line(error)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise IlladaError(f"{file}: not a state dict of tensors")
     return state
+
+
+def _dims(value: object, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in value):
+        raise ValueError(f"{what} must be a list of non-negative integers, got {value!r}"[:200])
+    return tuple(value)
 
 
 def _read_header(file: Path) -> list[tuple[str, tuple[int, ...], torch.dtype | str]]:
@@ -139,30 +159,44 @@ def _read_header(file: Path) -> list[tuple[str, tuple[int, ...], torch.dtype | s
     if file.suffix != ".safetensors":
         return [(k, tuple(v.shape), v.dtype) for k, v in _torch_load(file).items()]
     # The safetensors header is an 8-byte little-endian length and a JSON object; checking the byte ranges
-    # here means a truncated or corrupt file is reported before any weight is read.
+    # here means a truncated or corrupt file is reported before any weight is read (and before a header length
+    # such as 2**62 could make us allocate it).
     try:
         size = file.stat().st_size
+        if size < 8:
+            raise ValueError(f"{size} bytes: too short for a header")
         with open(file, "rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
             if not 0 < length <= size - 8:
                 raise ValueError(f"header length {length} does not fit a file of {size} bytes")
-            header = json.loads(handle.read(length))
+            header = loads_strict(handle.read(length).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         out = []
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            shape, code = tuple(info["shape"]), info["dtype"]
-            start, end = info["data_offsets"]
+            if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+                raise ValueError(f"tensor {key} lacks dtype, shape or data_offsets")
+            shape, code = _dims(info["shape"], f"tensor {key} shape"), info["dtype"]
+            if not isinstance(code, str):
+                raise ValueError(f"tensor {key} dtype must be a string, got {code!r}")
+            offsets = _dims(info["data_offsets"], f"tensor {key} data_offsets")
+            if len(offsets) != 2:
+                raise ValueError(f"tensor {key} data_offsets must be [start, end]")
+            start, end = offsets
             dtype = _SAFETENSORS_DTYPES.get(code, code)
             numel = 1
             for dim in shape:
                 numel *= dim
-            if end > size - 8 - length or (isinstance(dtype, torch.dtype) and end - start != numel * dtype.itemsize):
+            if not 0 <= start <= end <= size - 8 - length or (
+                    isinstance(dtype, torch.dtype) and end - start != numel * dtype.itemsize):
                 raise ValueError(f"tensor {key} has a bad byte range")
             out.append((key, shape, dtype))
         return out
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:  # JSONDecodeError is a ValueError
-        raise IlladaError(f"{file}: not a readable safetensors file ({error})") from error
+    except (OSError, ValueError, TypeError, RecursionError) as error:  # JSONDecodeError, UnicodeError: ValueErrors
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+        raise IlladaError(f"{file}: not a readable safetensors file ({reason})") from None
 
 
 @contextmanager
@@ -412,8 +446,14 @@ def _model_state(model: nn.Module, config: ModelConfig) -> dict[str, torch.Tenso
     return state
 
 
+def _write_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return _first_line(error)
+
+
 def _check_shard_bytes(max_shard_bytes: int) -> None:
-    if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+    if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes <= 0:
         raise IlladaError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
 
 
@@ -441,8 +481,8 @@ def save_checkpoint(model: nn.Module, config: ModelConfig, path: str | Path, tok
             _write_json(staging / CONFIG_NAME, config_to_hf(config, config_dtype))
             if tokenizer is not None:
                 tokenizer.save(staging)
-    except OSError as error:
-        raise IlladaError(f"cannot write the checkpoint {path}: {error}") from error
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+        raise IlladaError(f"cannot write the checkpoint {path}: {_write_error(error)}") from None
     return path
 
 
@@ -503,8 +543,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str | torch.dtyp
             for file in extras:
                 if file.is_file():
                     shutil.copy2(file, staging / file.name)
-    except OSError as error:
-        raise IlladaError(f"cannot write the checkpoint {dst}: {error}") from error
+    except (OSError, SafetensorError) as error:
+        raise IlladaError(f"cannot write the checkpoint {dst}: {_write_error(error)}") from None
     finally:
         close_readers()
     return ConversionReport(source_layout=layout, config=config, dtype=out_dtype, files=files, total_bytes=total)

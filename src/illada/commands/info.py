@@ -16,14 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _checkpoint_dtype(path: Path) -> str | None:
-    """The dtype of the first tensor in the checkpoint, read from the safetensors header only."""
+    """The dtypes of the first weight file, read from its safetensors header only (checked like a load does)."""
+    from illada.checkpoint.io import _SAFETENSORS_DTYPES, _read_header
+
+    codes = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+
     files = sorted(path.glob("*.safetensors"))
     if not files:
         return None
-    with open(files[0], "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    dtypes = {codes.get(dtype, str(dtype)) for _, _, dtype in _read_header(files[0])}
     return ",".join(sorted(dtypes)) or None
 
 
@@ -31,7 +32,7 @@ def describe(model: str | None = None, preset_name: str | None = None) -> dict:
     """Architecture facts of a preset or checkpoint (the weights are never read: a meta-device model is built)."""
     from illada.api import bundled_models, DEFAULT_MODEL
     from illada.config import preset
-    from illada.model import build_model
+    from illada.files import read_json_object
 
     special: dict[str, int] = {}
     dtype = None
@@ -45,24 +46,24 @@ def describe(model: str | None = None, preset_name: str | None = None) -> dict:
         path = bundled_models().get(name, Path(name)) if not Path(name).exists() else Path(name)
         if not (path / "config.json").is_file():
             raise IlladaError(f"no checkpoint at {name!r} (config.json not found)")
+        raw = read_json_object(path / "config.json")
         try:
-            config = config_from_hf(json.loads((path / "config.json").read_text()))
-        except json.JSONDecodeError as error:
-            raise IlladaError(f"{path / 'config.json'}: invalid JSON ({error})") from error
+            config = config_from_hf(raw)
+        except IlladaError as error:
+            raise IlladaError(f"{path}: {error}") from None
         dtype = _checkpoint_dtype(path)
         source = str(path)
         if (path / "tokenizer.json").is_file():
             from illada.tokenizer import Tokenizer
 
             special = Tokenizer.from_dir(path).special_tokens
-    meta = build_model(config, device="meta")
     return {
         "source": source,
         "layers": config.n_layers, "hidden": config.hidden_size, "heads": config.n_heads,
         "kv_heads": config.n_kv_heads, "head_dim": config.head_dim, "ffn": config.intermediate_size,
         "vocab": config.vocab_size, "context": config.max_seq_len, "rope_theta": config.rope_theta,
         "tied_embeddings": config.tie_word_embeddings, "attention": "causal" if config.causal else "bidirectional",
-        "params_total": meta.num_parameters(), "params_non_embedding": meta.num_parameters(non_embedding=True),
+        "params_total": config.num_parameters(), "params_non_embedding": config.num_parameters(non_embedding=True),
         "dtype": dtype, "mask_token_id": config.mask_token_id, "special_tokens": special,
     }
 

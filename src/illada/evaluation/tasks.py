@@ -11,7 +11,6 @@ Formats, one JSON object per line:
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from illada.errors import IlladaError
 from illada.evaluation.answers import extract_gold
 from illada.evaluation.presets import TaskPreset
+from illada.files import loads_strict
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _OPTION_START = re.compile(r"\n(?=[A-Z]\. )")
@@ -33,14 +33,20 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise IlladaError(f"no data file at {path}")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise IlladaError(f"{path}:{number}: not UTF-8 text (byte {error.start} of the line)") from None
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise IlladaError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                record = loads_strict(line)
+            except ValueError as error:  # JSONDecodeError, NaN/Infinity
+                raise IlladaError(f"{path}:{number}: not valid JSON ({getattr(error, 'msg', error)})") from None
+            except RecursionError:
+                raise IlladaError(f"{path}:{number}: JSON nested too deeply") from None
             if not isinstance(record, dict):
                 raise IlladaError(f"{path}:{number}: expected a JSON object per line")
             records.append(record)

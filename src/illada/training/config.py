@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from illada.config import ModelConfig, is_finite_number, type_mismatch
 from illada.errors import IlladaError
+from illada.files import loads_strict
 
 OBJECTIVES = ("diffusion", "ar", "sft-pairs")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
@@ -64,7 +66,25 @@ class TrainConfig:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
 
+    def _check_types(self) -> None:
+        """Each field has its annotated type (a YAML `steps: ten` or a JSON `--betas '[2]'` is one clear error,
+        not a TypeError deep inside the run); floats must be finite (`--lr nan`)."""
+        for f in dataclasses.fields(self):
+            value, kind, flag = getattr(self, f.name), str(f.type), "--" + f.name.replace("_", "-")
+            if kind.startswith("dict"):  # model_overrides
+                ModelConfig.check_overrides(value, flag)
+                continue
+            if kind.startswith("tuple"):  # betas
+                ok = (isinstance(value, (tuple, list)) and len(value) == 2
+                      and all(is_finite_number(b) and 0 <= b < 1 for b in value))
+                want = None if ok else "a JSON list of two numbers in [0, 1)"
+            else:
+                want = type_mismatch(value, kind)
+            if want:
+                raise IlladaError(f"train: {f.name} ({flag}) must be {want}, got {value!r}")
+
     def validate(self) -> None:
+        self._check_types()
         if not self.data:
             raise IlladaError("train: --data DIR is required (a dataset from `illada prepare`)")
         if self.objective not in OBJECTIVES:
@@ -90,9 +110,17 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted((key for key in data if key not in known), key=str)
         if unknown:
-            raise IlladaError(f"train config: unknown keys {', '.join(unknown)}")
+            raise IlladaError(f"train config: unknown keys {', '.join(map(str, unknown))}")
+        data = dict(data)
+        for f in dataclasses.fields(cls):
+            # YAML 1.1 reads `lr: 4e-4` (no dot) as a string: a float field takes a numeric string as its number
+            if str(f.type).startswith("float") and isinstance(data.get(f.name), str):
+                try:
+                    data[f.name] = float(data[f.name])
+                except ValueError:
+                    pass  # reported by validate() with the field's name
         return cls(**data)
 
 
@@ -101,10 +129,13 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise IlladaError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise IlladaError(f"{path}: not UTF-8 text (byte {error.start})") from None
     try:
         if path.suffix == ".json":
-            data = json.loads(text)
+            data = loads_strict(text)
         else:
             import yaml
 
