@@ -24,7 +24,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
 from illada.errors import IlladaError
-from illada.files import read_json_object, write_atomic
+from illada.files import check_unicode, read_json_object, write_atomic
 
 # name -> id of illada's special tokens; the ids are part of the format (datasets and checkpoints rely on them).
 SPECIAL_TOKENS: dict[str, int] = {
@@ -260,12 +260,14 @@ class Tokenizer:
         """Token ids of `text`. Special tokens written in the text (e.g. from a chat template) become single ids."""
         if not isinstance(text, str):
             raise IlladaError(f"can only encode a string, got {type(text).__name__}")
+        check_unicode(text, "the text to encode")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         for text in texts:
             if not isinstance(text, str):
                 raise IlladaError(f"can only encode strings, got {type(text).__name__}")
+            check_unicode(text, "a text to encode")
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:

@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import illada
+    from illada.files import check_unicode, stdin_lines
 
+    if args.system is not None:
+        check_unicode(args.system, "--system")
     lm = illada.load(args.model, device=args.device, dtype=args.dtype)
     options = sampling_options(args, lm.tokenizer)
     interactive = sys.stdin.isatty()
@@ -67,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
     def show_prompt() -> None:
         print("> ", end="", file=sys.stderr, flush=True)
 
-    chat_loop(reply, sys.stdin, sys.stdout, system=args.system, prompt=show_prompt if interactive else None)
+    chat_loop(reply, stdin_lines(), sys.stdout, system=args.system, prompt=show_prompt if interactive else None)
     return 0

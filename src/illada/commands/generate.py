@@ -83,9 +83,13 @@ def run(args: argparse.Namespace) -> int:
     from illada import render
     from illada.sampling import stream
 
-    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt] or [""]
+    from illada.files import check_output_file, check_unicode, read_stdin_text
+
+    prompts = [read_stdin_text() if p == "-" else check_unicode(p, "the prompt") for p in args.prompt] or [""]
     if args.record and not args.record.endswith((".html", ".gif")):
         raise IlladaError(f"--record: {args.record} must end in .html or .gif")
+    if args.record:  # before any work: an unwritable path is found now, not after the generation
+        check_output_file(args.record, "--record")
     lm = illada.load(args.model, device=args.device, dtype=args.dtype)
     if lm.config.causal:  # an `--objective ar` twin: greedy left to right with a KV cache
         if args.show or args.record:

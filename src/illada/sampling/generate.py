@@ -7,6 +7,7 @@ exactly what it gives alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import InitVar, dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -81,9 +82,16 @@ class SamplingConfig:
             if not ok:
                 raise IlladaError(message)
 
-        for name in ("gen_length", "steps", "block_length"):
+        # block_length before steps: a variable-length run's steps default to the block length, so a bad block
+        # length would otherwise be reported as bad steps
+        for name in ("gen_length", "block_length", "steps"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{name} must be a positive integer, got {value!r}")
+        for name in ("temperature", "cfg_scale", "threshold", "factor", "top_p", "end_think_boost", "end_think_power"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                   and math.isfinite(value)), f"{name} must be a finite number, got {value!r}")
         need(self.remasking in REMASKING_RULES,
              f"unknown remasking {self.remasking!r}; choose from {', '.join(REMASKING_RULES)}")
         need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")

@@ -98,7 +98,32 @@ def parse_json(raw: bytes) -> dict:
         raise bad("the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", code="invalid_json")
+    _check_text(body)
     return body
+
+
+def _check_text(body: dict) -> None:
+    """Every string of the body (keys too) must be valid Unicode: JSON can spell a lone surrogate ("\\ud800"),
+    which no tokenizer can encode. 400 naming the field, as `messages[0].content`."""
+    stack: list[tuple[str | None, str, Any]] = [(None, key, value) for key, value in body.items()]
+    while stack:
+        parent, where, value = stack.pop()
+        for text, place in ((where, parent), (value, where)):
+            if not isinstance(text, str):
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                # the reply itself must be encodable: the field path is escaped, the bad text never echoed
+                place = None if place is None else place.encode("utf-8", "backslashreplace").decode("utf-8")
+                what = "a field name" if text is where else "a string"
+                raise bad(f"{what} in {f'{place!r}' if place else 'the request'} is not valid Unicode text (a lone "
+                          f"surrogate U+{ord(text[error.start]):04X} at character {error.start})",
+                          place, "invalid_value") from None
+        if isinstance(value, dict):
+            stack.extend((where, f"{where}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((where, f"{where}[{i}]", v) for i, v in enumerate(value))
 
 
 # -- field readers ---------------------------------------------------------------------------------------------
@@ -270,9 +295,9 @@ def parse_request(body: dict, *, chat: bool, handle, model_ids: tuple[str, ...],
         messages = [_message_text(m, i) for i, m in enumerate(messages)]
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            prompts = [tokenizer.encode(text)]
         except IlladaError as error:
             raise bad(str(error), "messages") from None
-        prompts = [tokenizer.encode(text)]
     else:
         prompts = _completion_prompts(body, tokenizer.encode, handle.config.vocab_size, limits)
 
