@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "tokenise text / chat corpora into packed training shards"),
     "train": ("train", "pre-train a masked diffusion (or autoregressive) model"),
     "sft": ("sft", "supervised fine-tuning"),
+    "rl": ("rl", "RL with verifiable rewards (GRPO family) for masked diffusion models"),
     "tasks": ("tasks", "verifiable synthetic tasks (arithmetic, sudoku, reversal facts) as training / eval JSONL"),
 }
 
@@ -41,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """The user-facing text of an error, on one line."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        text = f"{error.strerror}{where}"
+    elif isinstance(error, MemoryError):
+        text = f"out of memory{f' ({error})' if str(error) else ''}"
+    else:
+        text = str(error)
+    return " ".join(text.split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for user mistakes, with a one-line message and no traceback)."""
     from illada.errors import IlladaError
@@ -57,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except IlladaError as error:
+    except (IlladaError, OSError, MemoryError) as error:
+        # OSError / MemoryError: the machine said no (a path that cannot be written, a full disk, no memory).
+        # Commands check what they can up front; this keeps whatever slips past to one line, never a traceback.
         if debug:
             raise
-        print(f"illada: error: {error}", file=sys.stderr)
+        print(f"illada: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("illada: interrupted", file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -26,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     dst = Path(args.dst).expanduser()
     if dst.exists() and not args.force:
         raise IlladaError(f"{dst} already exists; pass --force to replace it")
-    if args.max_shard_gb <= 0:
-        raise IlladaError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
+    if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
+        raise IlladaError(f"--max-shard-gb must be a positive number, got {args.max_shard_gb}")
     console = Console(stderr=True)
     with Progress(TextColumn("converting"), BarColumn(), DownloadColumn(), console=console, transient=True) as bar:
         task = bar.add_task("convert", total=None)

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-from illada.errors import IlladaError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import illada
     from illada.evaluation import evaluate, get_preset, load_samples, print_table, write_results
+    from illada.files import check_output_dir
 
     preset = get_preset(args.task, instruct=args.instruct)
     preset = preset.replace(method=args.method, num_fewshot=args.num_fewshot, mc_num=args.mc_num,
@@ -64,10 +62,8 @@ def run(args: argparse.Namespace) -> int:
                             cache=args.cache, remasking=args.remasking, temperature=args.temperature)
     samples = load_samples(args.data, preset.kind)
     fewshot = load_samples(args.fewshot_data, preset.kind) if args.fewshot_data else None
-    out = Path(args.out) if args.out else None
+    out = check_output_dir(args.out, "--out") if args.out else None
     if out is not None:
-        if out.exists() and not out.is_dir():
-            raise IlladaError(f"--out {out} exists and is not a directory")
         out.mkdir(parents=True, exist_ok=True)
     if preset.kind == "humaneval":  # before loading anything: no isolation, no run (unless opted in)
         from illada.evaluation.sandbox import require_isolation

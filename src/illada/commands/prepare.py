@@ -5,6 +5,7 @@ import argparse
 
 from illada.data.prepare import DEFAULT_SHARD_TOKENS, prepare_pretrain, prepare_sft
 from illada.errors import IlladaError
+from illada.files import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.shard_tokens < 1:
         raise IlladaError(f"--shard-tokens must be positive, got {args.shard_tokens}")
+    check_output_dir(args.out, "--out")
     common = dict(shard_tokens=args.shard_tokens, resume=not args.no_resume, progress=not args.quiet)
     if args.kind == "pretrain":
         manifest = prepare_pretrain(args.inputs, args.out, args.tokenizer, text_field=args.text_field, **common)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import re
 import sys
 
 from illada.errors import IlladaError
+from illada.files import check_output_dir, loads_strict
 from illada.training.config import TrainConfig, load_config_file
 
 DEFAULTS: dict = {}  # `illada sft` swaps in its own defaults
@@ -65,9 +65,9 @@ def config_from_args(args: argparse.Namespace, defaults: dict) -> TrainConfig:
             continue
         if f.name in ("betas", "model_overrides"):
             try:
-                value = json.loads(value)
-            except json.JSONDecodeError as error:
-                raise IlladaError(f"--{f.name.replace('_', '-')}: not valid JSON ({error})") from error
+                value = loads_strict(value)
+            except ValueError as error:  # JSONDecodeError, and NaN/Infinity
+                raise IlladaError(f"--{f.name.replace('_', '-')}: not valid JSON ({error})") from None
         values[f.name] = value
     config = TrainConfig.from_dict(values)
     config.validate()
@@ -83,6 +83,8 @@ STOPPED_EXIT_CODE = 130
 
 def run_config(config: TrainConfig) -> int:
     from illada.training.trainer import train
+
+    check_output_dir(config.out_dir, "--out-dir")
 
     result = train(config)
     if result.checkpoint is not None:

@@ -355,8 +355,9 @@ class Trainer:
                 print(f"illada: resuming from {resume} (step {start})", file=sys.stderr)
         elif self.env.is_main:
             self._check_fresh_start()
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+        # a fresh run records its config once its first step has worked: a run that cannot even take one step
+        # (out of memory, bad data) leaves no train_config.json behind to make the directory look used
+        config_pending = resume is None and self.env.is_main
         # a fresh start over this very run's aborted first attempt drops its records, as a resume from step 0 would
         log = MetricsLog(self.out_dir, resume_step=start) if self.env.is_main else None
         end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
@@ -371,6 +372,10 @@ class Trainer:
             for step in range(start, end):
                 lr = self._set_lr(step)
                 loss, stats, step_tokens = self.train_step(step)
+                if config_pending:
+                    self.out_dir.mkdir(parents=True, exist_ok=True)
+                    write_atomic(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+                    config_pending = False
                 tokens += step_tokens
                 losses.append(loss if stats["finite"] else float("nan"))
                 bad_steps = 0 if stats["finite"] else bad_steps + 1
@@ -457,11 +462,27 @@ def _step_of(path: Path) -> int | None:
     return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
 
 
+def _out_of_memory(error: BaseException, cfg: TrainConfig, doing: str) -> BaseException:
+    """An allocation failure (host or device) as one IlladaError naming the sizes to lower; other errors as they are."""
+    text = str(error)
+    if not (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return error
+    return IlladaError(f"out of memory {doing} with micro_batch_size {cfg.micro_batch_size} x seq_len {cfg.seq_len} "
+                       f"on {cfg.device}: lower --micro-batch-size (raise --grad-accum to keep the batch) or "
+                       f"--seq-len")
+
+
 def train(cfg: TrainConfig, max_steps: int | None = None) -> TrainResult:
     """Run (or resume) a training run described by `cfg`; the Python entry point behind `illada train`/`sft`."""
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except (MemoryError, RuntimeError) as error:
+        raise _out_of_memory(error, cfg, "building the model") from None
     try:
         return trainer.run(max_steps=max_steps)
+    except (MemoryError, RuntimeError) as error:
+        raise _out_of_memory(error, cfg, "training") from None
     finally:
         if trainer.env.enabled and dist.is_initialized():
             dist.destroy_process_group()
