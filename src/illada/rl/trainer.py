@@ -1,0 +1,283 @@
+"""`illada rl`: GRPO-family RL with verifiable rewards for a masked diffusion model.
+
+One step: `prompts_per_step` prompts (a seeded draw per step), `group_size` rollouts each with the project's sampler
+(temperature > 0; threshold/cache as configured), rewards, group-normalised advantages, then `inner_updates`
+optimizer steps on the clipped surrogate of the chosen log-likelihood estimator (masks drawn once per step and shared
+by the old policy, the new policy and the reference). The prompts, rollouts and masks of step k depend only on
+(seed, k) and the weights, so a resumed run repeats the uninterrupted one exactly. Checkpoints are the training
+checkpoints of `illada train` (atomic, model + optimizer + state) and load as models.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from illada.errors import IlladaError
+from illada.rl.config import RLConfig
+from illada.rl.estimators import ScoredBatch, get_estimator
+from illada.rl.grpo import group_advantages, policy_loss
+from illada.rl.rewards import build_rewards
+from illada.training.checkpointing import (clean_staging, latest_checkpoint, load_training_checkpoint,
+                                          save_training_checkpoint)
+from illada.training.metrics import MetricsLog
+
+
+@dataclass
+class RLResult:
+    out_dir: Path
+    step: int
+    checkpoint: Path | None
+    history: list[dict]
+    stopped: bool
+
+
+def _resolve_checkpoint(path: str) -> Path:
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is not None:
+            return latest
+    raise IlladaError(f"rl: --init-from {path}: not a checkpoint or a run directory with one")
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class RLTrainer:
+    def __init__(self, cfg: RLConfig) -> None:
+        import illada
+        from illada.evaluation.tasks import load_samples
+
+        cfg.validate()
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        # the cheap checks first: a bad reward spec or data file fails before any model is loaded
+        self.rewards = build_rewards(cfg.rewards)
+        options = {"mean_field": {"prompt_mask_prob": cfg.prompt_mask_prob}, "elbo": {"samples": cfg.elbo_samples}}
+        self.estimator = get_estimator(cfg.estimator, **options.get(cfg.estimator, {}))
+        self.init_path = _resolve_checkpoint(cfg.init_from)
+        self.lm = illada.load(self.init_path, device=cfg.device)
+        if self.lm.config.causal:
+            raise IlladaError("rl: the model is causal (autoregressive); illada rl trains masked diffusion models")
+        self.model = self.lm.model
+        self.reference = illada.load(self.init_path, device=cfg.device).model.eval().requires_grad_(False)
+        self.samples = load_samples(cfg.data, cfg.task)
+        if len(self.samples) < cfg.prompts_per_step:
+            raise IlladaError(f"rl: {cfg.data} has {len(self.samples)} records, fewer than prompts_per_step "
+                              f"({cfg.prompts_per_step})")
+        self.eval_samples = load_samples(cfg.eval_data, cfg.task)[: cfg.eval_limit] if cfg.eval_data else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=(0.9, 0.99))
+        self._stop = False
+
+    # ----------------------------------------------------------------------------------------------- pieces
+    def prompts_for(self, step: int) -> list[int]:
+        rng = np.random.default_rng(_seed(self.cfg.seed, step, 11))
+        return rng.choice(len(self.samples), size=self.cfg.prompts_per_step, replace=False).tolist()
+
+    def prompt_text(self, sample: dict) -> str:
+        """The prompt exactly as `illada eval` (0-shot) puts it to the model."""
+        from illada.evaluation.tasks import gsm8k_prompt
+
+        return gsm8k_prompt(sample, []) if self.cfg.task == "gsm8k" else sample["prompt"]
+
+    def rollouts(self, step: int, indices: list[int]):
+        """Texts, prompt token lists, completion token lists (EOS kept where the rollout ended) and the output."""
+        cfg, tok = self.cfg, self.lm.tokenizer
+        texts = [self.prompt_text(self.samples[i]) for i in indices for _ in range(cfg.group_size)]
+        self.model.eval()
+        completions, output = self.lm.generate(
+            texts, return_output=True, max_new_tokens=cfg.max_new_tokens, block_length=cfg.block_length,
+            steps=cfg.sampling_steps, temperature=cfg.temperature, variable_length=True, threshold=cfg.threshold,
+            cache=cfg.cache, seed=_seed(cfg.seed, step, 23))
+        eos = tok.eos_token_id if tok.eos_token_id is not None else self.lm.config.eos_token_id
+        prompt_ids = [list(tok.encode(t)) for t in texts]
+        tokens = []
+        for row in output.generated_tokens():
+            ended = len(row) < cfg.max_new_tokens and eos is not None
+            tokens.append(list(row) + ([eos] if ended else []) or [eos])
+        return completions, prompt_ids, tokens, output
+
+    def evaluate(self) -> float | None:
+        if not self.eval_samples:
+            return None
+        from illada.evaluation import evaluate, get_preset
+
+        preset = get_preset(self.cfg.task).replace(num_fewshot=0, max_new_tokens=self.cfg.max_new_tokens,
+                                              block_length=self.cfg.block_length, steps=self.cfg.sampling_steps)
+        self.model.eval()
+        result = evaluate(self.lm, preset, self.eval_samples, batch_size=32, progress=False)
+        return result.score
+
+    def step(self, step: int) -> dict:
+        cfg = self.cfg
+        began = time.perf_counter()
+        indices = self.prompts_for(step)
+        samples = [self.samples[i] for i in indices for _ in range(cfg.group_size)]
+        completions, prompt_ids, tokens, output = self.rollouts(step, indices)
+        rollout_seconds = time.perf_counter() - began
+        totals, parts = self.rewards.score(completions, samples)
+        rewards = torch.tensor(totals)
+        advantages = group_advantages(rewards, cfg.group_size).to(self.lm.device)
+        batch = ScoredBatch.from_lists(prompt_ids, tokens, self.lm.pad_token_id, self.lm.device)
+        mask_id = self.lm.mask_token_id
+        masks = self.estimator.draw(batch, torch.Generator().manual_seed(_seed(cfg.seed, step, 37)))
+        with torch.no_grad():
+            old = self.estimator.estimate(self.model, batch, masks, mask_id)
+            ref = self.estimator.estimate(self.reference, batch, masks, mask_id)
+            entropy = self._entropy(batch, mask_id)
+        lengths = batch.completion_lengths
+        self.model.train()
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stats: dict[str, float] = {}
+        for _ in range(cfg.inner_updates):
+            new = self.estimator.estimate(self.model, batch, masks, mask_id)
+            loss, stats = policy_loss(new, old, advantages, lengths, clip=cfg.clip, ref=ref, kl_coef=cfg.kl_coef)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            if not math.isfinite(grad_norm):
+                raise IlladaError(f"rl: non-finite gradients at step {step + 1}; lower the lr")
+            self.optimizer.step()
+        rows = output.row_nfe.float().clamp(min=1) if output.row_nfe is not None else None
+        record = {"kind": "rl", "step": step + 1, "reward_mean": float(rewards.mean()),
+                  "reward_std": float(rewards.std(unbiased=False)), "loss": float(loss.detach()), "lr": lr,
+                  "grad_norm": grad_norm, "entropy": entropy, "completion_tokens": float(lengths.float().mean()),
+                  "tokens_per_forward": float((output.generated_lengths.float() / rows).mean()) if rows is not None
+                  else None, "rollout_s": round(rollout_seconds, 3),
+                  "step_s": round(time.perf_counter() - began, 3), **stats}
+        for name, values in parts.items():
+            record[f"reward/{name}"] = float(np.mean(values))
+        for name in ("exact_answer", "exact_match"):
+            if name in parts:
+                record["accuracy"] = float(np.mean(parts[name]))
+        return record
+
+    def _entropy(self, batch: ScoredBatch, mask_id: int) -> float:
+        """Mean entropy (nats) of the policy's predictions at the completion positions, all of them masked."""
+        noisy = torch.where(batch.completion, torch.full_like(batch.input_ids, mask_id), batch.input_ids)
+        logp = torch.log_softmax(self.model(noisy, attention_mask=batch.attention_mask).float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return float((entropy * batch.completion).sum() / batch.completion.sum().clamp(min=1))
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def save(self, step: int, history_tail: dict | None) -> Path:
+        state = {name: p.detach().clone() for name, p in self.model.state_dict().items()}
+        training_state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        trainer_state = {"step": step, "tokens": 0, "kind": "rl", "init_from": str(self.init_path),
+                         "last": history_tail}
+        return save_training_checkpoint(self.out_dir, step, state, training_state, trainer_state,
+                                        self.lm.config, self.cfg.to_dict(), tokenizer=self.lm.tokenizer,
+                                        keep=self.cfg.keep_checkpoints)
+
+    def restore(self, path: Path) -> int:
+        model_state, training_state, trainer_state = load_training_checkpoint(path)
+        self.model.load_state_dict(model_state, strict=False)
+        self.optimizer.load_state_dict(training_state["optimizer"])
+        torch.set_rng_state(training_state["torch_rng"])
+        return int(trainer_state["step"])
+
+    def run(self, max_steps: int | None = None) -> RLResult:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        clean_staging(self.out_dir)
+        resume = latest_checkpoint(self.out_dir)
+        start = self.restore(resume) if resume is not None else 0
+        if resume is not None:
+            print(f"illada: resuming RL from {resume} (step {start})", file=sys.stderr)
+        log = MetricsLog(self.out_dir, resume_step=start)
+        (self.out_dir / "rl_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
+        if start == 0 and self.eval_samples:
+            log.write({"kind": "eval", "step": 0, "accuracy": self.evaluate()})
+        previous = self._install_signals()
+        last, record, stopped = resume, None, False
+        try:
+            for step in range(start, end):
+                record = self.step(step)
+                done = step + 1
+                if self.eval_samples and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    accuracy = self.evaluate()
+                    log.write({"kind": "eval", "step": done, "accuracy": accuracy})
+                    record["eval_accuracy"] = accuracy
+                if done % cfg.log_every == 0 or done == end:
+                    log.write(record)
+                    _print_line(record, cfg.steps)
+                if done % cfg.save_every == 0 or done == end or self._stop:
+                    last = self.save(done, record)
+                    plot_rl(log.records(), self.out_dir / "rl.png")
+                if self._stop:
+                    stopped = True
+                    break
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return RLResult(self.out_dir, (record or {}).get("step", start), last, log.records(), stopped)
+
+    def _install_signals(self) -> dict:
+        def request_stop(signum, frame):
+            if self._stop:
+                raise KeyboardInterrupt
+            self._stop = True
+            print("\nillada: stop requested; saving a checkpoint after this step", file=sys.stderr)
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in previous:
+                signal.signal(s, request_stop)
+        except ValueError:  # not the main thread
+            return {}
+        return previous
+
+
+def _print_line(record: dict, total: int) -> None:
+    parts = [f"step {record['step']}/{total}", f"reward {record['reward_mean']:.3f}±{record['reward_std']:.3f}"]
+    if "accuracy" in record:
+        parts.append(f"acc {record['accuracy']:.3f}")
+    if record.get("eval_accuracy") is not None:
+        parts.append(f"held-out {record['eval_accuracy']:.3f}")
+    parts += [f"kl {record.get('kl', 0):.4f}", f"{record['step_s']:.1f} s"]
+    print(" · ".join(parts), file=sys.stderr, flush=True)
+
+
+def plot_rl(records: list[dict], path: Path) -> None:
+    """PNG of the rollout reward and accuracy per step and the held-out accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rl = [r for r in records if r.get("kind") == "rl"]
+    ev = [r for r in records if r.get("kind") == "eval" and r.get("accuracy") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if rl:
+        ax.plot([r["step"] for r in rl], [r["reward_mean"] for r in rl], alpha=0.6, label="rollout reward")
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["accuracy"] for r in ev], "o-", label="held-out accuracy (greedy)")
+    ax.set_xlabel("RL step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def train_rl(cfg: RLConfig, max_steps: int | None = None) -> RLResult:
+    """Run (or resume) `illada rl`; the Python entry point."""
+    return RLTrainer(cfg).run(max_steps=max_steps)
