@@ -1,59 +1,278 @@
-"""Filling masks anywhere in a canvas (text on both sides of a hole): the bidirectional model's own move.
+"""Filling holes anywhere in a canvas (text on both sides of every hole): the bidirectional model's own move.
 
-Greedy, low-confidence remasking over every masked position at once: each pass commits the most confident masked
-position of each row (or, with `threshold`, every position above it, at least one), until no mask is left.
-Confidence is the candidate's probability under the model's softmax; the mask token is never a candidate.
-Unmasked tokens are never changed.
+A canvas is a (B, L) tensor of token ids; its holes are spans of columns (given per row, or the runs of
+`mask_id`). Only the holes change: every other real token (the prefix, the suffix, the literal text between
+holes) is kept exactly. All holes of a row are denoised together, with the same rules as `generate`:
+
+- schedule: `steps` passes per row shared by its masked positions as the linear schedule does (the first
+  `m % steps` steps commit one more); None: one position per pass (each row its own mask count);
+- `threshold` / `factor` (parallel decoding): every confident position per pass, at least one;
+- remasking rules low_confidence | margin | entropy | random, `temperature` (Gumbel-max), `top_k` / `top_p`,
+  `forbid_eos`, `eos_confidence="neg_inf"`, `cfg_scale` (the unconditional input masks the context: every real
+  token outside the holes; the committed hole tokens stay);
+- `allow_shorter`: EOS / EOT / padding tokens the model commits at the *end* of a hole are dropped from that
+  hole's tokens (`InfillOutput.span_tokens`), so a caller need not know the exact length.
+
+The mask token is never a candidate; the confidence is measured on the full softmax (the mask keeps its share),
+as in `generate`. Rows are padded with `attention_mask` (0 for padding keys, anywhere in the row); each row's
+schedule comes from its own holes, so at temperature 0 a row gives exactly what it gives alone. The approximate
+prefix/dual KV caches are not implemented for infill canvases (a hole can sit anywhere, so there is no clean
+prefix): `cache` other than "none" is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from illada.errors import IlladaError
+from illada.sampling.generate import StepEvent, _model_config_value
+from illada.sampling.remasking import (
+    confidence_score,
+    filter_top_k,
+    filter_top_p,
+    sample_candidates,
+    select_top,
+    suppress_tokens,
+)
+from illada.sampling.schedule import factor_count, linear_schedule, threshold_count
+
+Span = tuple[int, int]
+
+
+@dataclass
+class InfillConfig:
+    """The sampler knobs that apply to a canvas with holes (names as in `SamplingConfig`)."""
+
+    steps: int | None = None  # passes per row; None: one committed position per pass
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    threshold: float | None = None
+    factor: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    forbid_eos: bool = False
+    eos_confidence: str = "normal"
+    allow_shorter: bool = False
+    cache: str = "none"
+    mask_id: int | None = None
+    eos_token_id: int | None = None
+    eot_token_id: int | None = None
+    pad_token_id: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        from illada.sampling.generate import SamplingConfig
+
+        if self.steps is not None and not (isinstance(self.steps, int) and not isinstance(self.steps, bool)
+                                           and self.steps > 0):
+            raise IlladaError(f"steps must be a positive integer, got {self.steps!r}")
+        # the shared knobs are checked by the generation config itself (one set of rules and messages)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("steps", "allow_shorter", "cache")}
+        SamplingConfig(**shared)
+        if self.cache != "none":
+            raise IlladaError(f"cache {self.cache!r} is not supported for infill (holes can sit anywhere, so there "
+                              "is no cached prefix); use cache 'none'")
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
 
 
 @dataclass
 class InfillOutput:
-    sequences: torch.Tensor  # (B, L): the canvas with every mask filled
-    nfe: int                 # forward passes
-    filled: int              # masked positions filled, over all rows
-    row_nfe: torch.Tensor    # (B,) passes that had a mask left to fill in each row
+    sequences: torch.Tensor  # (B, L): the canvas with every hole filled (nothing dropped)
+    nfe: int  # forward passes (CFG counts 2 per pass)
+    filled: int  # hole positions filled, over all rows
+    row_nfe: torch.Tensor  # (B,) passes that had a hole left to fill in each row
+    spans: list[list[Span]] = dataclasses.field(default_factory=list)  # per row: canvas columns of each hole
+    span_tokens: list[list[list[int]]] = dataclasses.field(default_factory=list)  # per row, per hole (trimmed)
+    attention_mask: torch.Tensor | None = None  # (B, L) as given: 0 for padding
+    history: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per pass: (canvas, step_of)
+    texts: list[str] | None = None  # set by DiffusionLM.infill/edit: the decoded result of each row
+
+    def row_tokens(self, row: int) -> list[int]:
+        """Row `row` as a token list: its real tokens with each hole replaced by its (trimmed) tokens."""
+        seq = self.sequences[row].tolist()
+        real = ([True] * len(seq) if self.attention_mask is None
+                else self.attention_mask[row].bool().tolist())
+        starts = {s: (e, toks) for (s, e), toks in zip(self.spans[row], self.span_tokens[row])}
+        out, i = [], 0
+        while i < len(seq):
+            if i in starts:
+                end, toks = starts[i]
+                out += toks
+                i = end
+                continue
+            if real[i]:
+                out.append(seq[i])
+            i += 1
+        return out
+
+
+def mask_runs(holes: Sequence[bool]) -> list[Span]:
+    """Maximal runs of True as [start, end) spans."""
+    spans, start = [], None
+    for i, h in enumerate(list(holes) + [False]):
+        if h and start is None:
+            start = i
+        elif not h and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def _resolve_config(config: InfillConfig | None, options: dict) -> InfillConfig:
+    unknown = sorted(set(options) - InfillConfig.option_names())
+    if unknown:
+        raise IlladaError(f"unknown infill option(s): {', '.join(unknown)}")
+    base = config or InfillConfig()
+    return dataclasses.replace(base, **options) if options else base
 
 
 @torch.no_grad()
+def infill_stream(model: nn.Module, canvas: torch.Tensor, *, spans: Sequence[Sequence[Span]] | None = None,
+                  attention_mask: torch.Tensor | None = None, config: InfillConfig | None = None,
+                  generator: torch.Generator | None = None, **options) -> Iterator[StepEvent]:
+    """One `StepEvent` per pass over the canvas (block is always 0), then a final one with done=True whose
+    `output` is the `InfillOutput`. `spans`: per row, the [start, end) columns of its holes (set to masks here,
+    so the same call remasks and regenerates existing text); None: the runs of `mask_id` in the real tokens.
+    Options are `InfillConfig` fields."""
+    cfg = _resolve_config(config, options)
+    x = torch.as_tensor(canvas)
+    if x.dim() != 2 or x.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+        raise IlladaError("canvas must be a (batch, length) integer tensor of token ids")
+    device = next(model.parameters()).device
+    x = x.long().clone().to(device)
+    b, width = x.shape
+    mask_id = cfg.mask_id if cfg.mask_id is not None else _model_config_value(model, "mask_token_id")
+    if mask_id is None:
+        raise IlladaError("mask_id is not set and the model config has no mask_token_id")
+    context_len = _model_config_value(model, "max_seq_len")
+    real = torch.ones_like(x, dtype=torch.bool)
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask).to(device)
+        if attention_mask.shape != x.shape:
+            raise IlladaError(f"attention_mask shape {tuple(attention_mask.shape)} != canvas shape {tuple(x.shape)}")
+        real = attention_mask.bool()
+        attention_mask = None if real.all() else real.long()
+    if isinstance(context_len, int) and int(real.sum(-1).max()) > context_len:
+        raise IlladaError(f"the canvas ({int(real.sum(-1).max())} tokens) exceeds the model context ({context_len})")
+
+    if spans is None:
+        holes = (x == mask_id) & real
+        row_spans = [mask_runs(row) for row in holes.tolist()]
+    else:
+        if len(spans) != b:
+            raise IlladaError(f"spans: one list per row expected ({b}), got {len(spans)}")
+        holes = torch.zeros_like(real)
+        row_spans = []
+        for row, row_list in enumerate(spans):
+            ordered = sorted((int(s), int(e)) for s, e in row_list)
+            for i, (s, e) in enumerate(ordered):
+                if not 0 <= s < e <= width or (i and s < ordered[i - 1][1]):
+                    raise IlladaError(f"spans: row {row} has a bad or overlapping span ({s}, {e}) for width {width}")
+                if not bool(real[row, s:e].all()):
+                    raise IlladaError(f"spans: row {row} span ({s}, {e}) covers padding")
+                holes[row, s:e] = True
+            row_spans.append(ordered)
+        x = torch.where(holes, torch.full_like(x, mask_id), x)
+    context = real & ~holes  # never changed
+
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else _model_config_value(model, "eos_token_id")
+    eos_ids = [t for t in (eos, cfg.eot_token_id) if t is not None]
+    if generator is None and cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    scheduled = cfg.threshold is None and cfg.factor is None
+    masked = holes.clone()
+    counts_per_row = masked.sum(-1)
+    if scheduled:
+        steps = counts_per_row.clamp(min=1) if cfg.steps is None else counts_per_row.clamp(min=1, max=cfg.steps)
+        schedule = linear_schedule(counts_per_row, steps)
+    step_of = torch.full_like(x, -1)
+    row_nfe = torch.zeros(b, dtype=torch.long, device=device)
+    eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    nfe, step, filled = 0, 0, int(masked.sum())
+    limit = int(counts_per_row.max()) if b else 0
+    user_bans = eos_ids if cfg.forbid_eos else []
+
+    while bool(masked.any()):
+        if step > limit:  # every pass commits >= 1 position of every busy row
+            raise RuntimeError("infill made no progress (bug)")
+        row_nfe += masked.any(-1).long() * (2 if cfg.cfg_scale else 1)
+        if cfg.cfg_scale:
+            uncond = torch.where(context, torch.full_like(x, mask_id), x)
+            both = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+            cond, unc = model(torch.cat([x, uncond]), attention_mask=both).float().chunk(2)
+            logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
+            nfe += 2
+        else:
+            logits = model(x, attention_mask=attention_mask).float()
+            nfe += 1
+
+        def filtered(banned: list[int]) -> torch.Tensor:
+            return filter_top_p(filter_top_k(suppress_tokens(logits, banned), cfg.top_k), cfg.top_p)
+
+        confidence_logits = filtered(user_bans)
+        candidates = sample_candidates(filtered([mask_id, *user_bans]), cfg.temperature, generator)
+        confidence = confidence_score(confidence_logits, candidates, cfg.remasking, generator)
+        if cfg.eos_confidence == "neg_inf" and eos_ids:
+            confidence = confidence.masked_fill(torch.isin(candidates, eos_tensor), float("-inf"))
+        if cfg.threshold is not None:
+            counts = threshold_count(confidence, masked, cfg.threshold)
+        elif cfg.factor is not None:
+            counts = factor_count(confidence, masked, cfg.factor)
+        else:
+            counts = schedule[:, step] if step < schedule.shape[1] else masked.sum(-1)
+        commit = select_top(confidence, masked, counts) & masked
+        x = torch.where(commit, candidates, x)
+        step_of.masked_fill_(commit, step)
+        masked &= ~commit
+        yield StepEvent(step, 0, commit, x.clone(), step_of.clone(), ~masked.any(-1), nfe)
+        step += 1
+
+    drop = set(eos_ids) | ({cfg.pad_token_id} if cfg.pad_token_id is not None else set())
+    drop.discard(mask_id)
+    seq = x.tolist()
+    span_tokens = []
+    for row, row_list in enumerate(row_spans):
+        tokens = []
+        for s, e in row_list:
+            piece = seq[row][s:e]
+            while cfg.allow_shorter and piece and piece[-1] in drop:
+                piece.pop()
+            tokens.append(piece)
+        span_tokens.append(tokens)
+    output = InfillOutput(sequences=x, nfe=nfe, filled=filled, row_nfe=row_nfe, spans=row_spans,
+                          span_tokens=span_tokens, attention_mask=attention_mask)
+    yield StepEvent(step, 0, torch.zeros_like(holes), x, step_of, torch.ones(b, dtype=torch.bool, device=device),
+                    nfe, done=True, output=output)  # type: ignore[arg-type]
+
+
+def infill(model: nn.Module, canvas: torch.Tensor, *, spans: Sequence[Sequence[Span]] | None = None,
+           attention_mask: torch.Tensor | None = None, config: InfillConfig | None = None,
+           generator: torch.Generator | None = None, return_history: bool = False, **options) -> InfillOutput:
+    """Fill the holes of `canvas` (see `infill_stream`); `return_history` keeps (canvas, step_of) per pass."""
+    history, output = [], None
+    for event in infill_stream(model, canvas, spans=spans, attention_mask=attention_mask, config=config,
+                               generator=generator, **options):
+        if event.done:
+            output = event.output
+        elif return_history:
+            history.append((event.canvas, event.step_of))
+    assert output is not None
+    if return_history:
+        output.history = history  # type: ignore[union-attr]
+    return output  # type: ignore[return-value]
+
+
 def fill_masks(model: nn.Module, canvas: torch.Tensor, mask_id: int, *, attention_mask: torch.Tensor | None = None,
                threshold: float | None = None) -> InfillOutput:
-    """Fill every `mask_id` position of `canvas` (B, L); `attention_mask` marks padding keys (0) as in `generate`."""
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise IlladaError(f"threshold must be in [0, 1], got {threshold}")
-    x = torch.as_tensor(canvas).long().clone()
-    if x.dim() != 2:
-        raise IlladaError("canvas must be a (batch, length) tensor of token ids")
-    x = x.to(next(model.parameters()).device)
-    if attention_mask is not None:
-        attention_mask = torch.as_tensor(attention_mask).to(x.device)
-        masked = (x == mask_id) & attention_mask.bool()
-    else:
-        masked = x == mask_id
-    filled, nfe = int(masked.sum()), 0
-    row_nfe = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    while bool(masked.any()):
-        row_nfe += masked.any(-1).long()
-        logits = model(x, attention_mask=attention_mask).float()
-        nfe += 1
-        probs = torch.softmax(logits, dim=-1)
-        probs[..., mask_id] = -1.0  # never a candidate; the others keep their own probabilities
-        confidence, candidate = probs.max(dim=-1)
-        confidence = torch.where(masked, confidence, torch.full_like(confidence, -2.0))
-        commit = torch.zeros_like(masked)
-        best = confidence.argmax(dim=-1, keepdim=True)
-        commit.scatter_(1, best, True)
-        if threshold is not None:
-            commit |= confidence > threshold
-        commit &= masked
-        x = torch.where(commit, candidate, x)
-        masked &= ~commit
-    return InfillOutput(sequences=x, nfe=nfe, filled=filled, row_nfe=row_nfe)
+    """Fill every `mask_id` position of `canvas` (B, L) greedily, one position per pass (or, with `threshold`,
+    every position above it, at least one); `attention_mask` marks padding keys (0) as in `generate`."""
+    return infill(model, canvas, attention_mask=attention_mask, mask_id=mask_id, threshold=threshold)

@@ -1,0 +1,141 @@
+"""Infilling and editing: holes anywhere in a canvas, every sampler rule on it, batch invariance, a greedy
+multi-span infill against a naive reference written here, the `<|mask:N|>` syntax, `lm.edit`, and the CLI."""
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from test_tasks import naive_infill, tiny_lm  # the reference: one pass per step, the most confident mask
+
+from illada.errors import IlladaError
+from illada.sampling import infill, left_pad
+from illada.tokenizer import byte_level_tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm(seed=4)
+
+
+def holes_canvas(lm, pieces):
+    """Token ids of `pieces` (str: literal text, int: a hole of that many masks) and the holes' columns."""
+    ids, spans = [], []
+    for piece in pieces:
+        if isinstance(piece, int):
+            spans.append((len(ids), len(ids) + piece))
+            ids += [lm.mask_token_id] * piece
+        else:
+            ids += lm.tokenizer.encode(piece)
+    return ids, spans
+
+
+CASES = [["The cat ", 3, " on the mat, ", 4, "."],
+         [5, " is the capital of ", 2],
+         ["What is 3 + ", 2, " = ", 1, "? ", 3, " ok"]]
+
+
+# ------------------------------------------------------------------------------------------------ the sampler
+def test_greedy_multi_span_infill_equals_a_naive_reference(lm):
+    for pieces in CASES:
+        ids, spans = holes_canvas(lm, pieces)
+        want = naive_infill(lm.model, ids, lm.mask_token_id)
+        out = infill(lm.model, torch.tensor([ids]))
+        assert out.sequences[0].tolist() == want
+        assert out.spans == [spans] and out.nfe == sum(e - s for s, e in spans)
+        assert out.span_tokens[0] == [want[s:e] for s, e in spans]
+
+
+RULES = [dict(), dict(steps=2), dict(threshold=0.3), dict(factor=1.0), dict(remasking="margin"),
+         dict(remasking="entropy"), dict(remasking="random", seed=3), dict(temperature=1.0, seed=1),
+         dict(cfg_scale=1.5), dict(top_k=5, top_p=0.8, temperature=0.7, seed=2), dict(forbid_eos=True),
+         dict(eos_confidence="neg_inf")]
+
+
+@pytest.mark.parametrize("options", RULES, ids=[str(r) or "greedy" for r in RULES])
+def test_every_rule_keeps_the_text_and_changes_exactly_the_holes(lm, options):
+    rows = [holes_canvas(lm, p) for p in CASES]
+    ids, mask = left_pad([r[0] for r in rows], lm.pad_token_id)
+    out = infill(lm.model, ids, attention_mask=mask, **options)
+    width = ids.shape[1]
+    for b, (row_ids, spans) in enumerate(rows):
+        offset = width - len(row_ids)
+        got = out.sequences[b, offset:].tolist()
+        holes = {c for s, e in spans for c in range(s, e)}
+        assert [t for c, t in enumerate(got) if c not in holes] == [t for c, t in enumerate(row_ids) if c not in holes]
+        assert lm.mask_token_id not in got
+        assert out.spans[b] == [(s + offset, e + offset) for s, e in spans]
+        assert out.sequences[b, :offset].tolist() == ids[b, :offset].tolist()  # padding untouched
+        if options.get("forbid_eos"):
+            assert lm.tokenizer.eos_token_id not in got
+    if "steps" in options:
+        assert out.nfe == 2  # two passes per row whatever its hole count
+    if "threshold" in options or "factor" in options:
+        assert out.nfe <= max(sum(e - s for s, e in r[1]) for r in rows)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(steps=3), dict(threshold=0.2), dict(factor=2.0),
+                                     dict(remasking="margin"), dict(cfg_scale=1.0), dict(eos_confidence="neg_inf")],
+                         ids=["greedy", "steps", "threshold", "factor", "margin", "cfg", "neg_inf"])
+def test_a_row_gives_what_it_gives_alone_left_or_right_padded(lm, options):
+    rows = [holes_canvas(lm, p)[0] for p in CASES]
+    alone = [infill(lm.model, torch.tensor([r]), **options).sequences[0].tolist() for r in rows]
+    ids, mask = left_pad(rows, lm.pad_token_id)
+    out = infill(lm.model, ids, attention_mask=mask, **options)
+    for b, r in enumerate(rows):
+        assert out.sequences[b, ids.shape[1] - len(r):].tolist() == alone[b]
+        assert out.row_tokens(b) == alone[b]
+    # right padding too: the padding columns are hidden keys wherever they are
+    width = max(map(len, rows))
+    right = torch.tensor([r + [lm.pad_token_id] * (width - len(r)) for r in rows])
+    right_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    out = infill(lm.model, right, attention_mask=right_mask, **options)
+    assert [out.row_tokens(b) for b in range(len(rows))] == alone
+
+
+class Scripted(nn.Module):
+    """A stand-in model whose greedy choice at column c is script[c] (confidence rising to the right)."""
+
+    def __init__(self, script: list[int], vocab: int, mask_id: int, eos_id: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.script, self.vocab = script, vocab
+        self.config = types.SimpleNamespace(mask_token_id=mask_id, eos_token_id=eos_id, max_seq_len=64)
+
+    def forward(self, x, attention_mask=None):
+        logits = torch.zeros(x.shape[0], x.shape[1], self.vocab)
+        for c in range(x.shape[1]):
+            logits[:, c, self.script[c]] = 5.0 + c * 0.01
+        return logits
+
+
+def test_allow_shorter_drops_eos_and_padding_only_at_the_end_of_a_hole():
+    tok = byte_level_tokenizer()
+    eos, pad, mask = tok.eos_token_id, tok.pad_token_id, tok.mask_token_id
+    a, b, c = 9 + ord("a"), 9 + ord("b"), 9 + ord("c")
+    canvas = [c, mask, mask, mask, mask, c, mask, mask, mask, c]
+    script = [c, a, eos, b, eos, c, b, pad, eos, c]  # hole 1: a EOS b EOS; hole 2: b PAD EOS
+    model = Scripted(script, tok.vocab_size, mask, eos)
+    kept = infill(model, torch.tensor([canvas]))
+    assert kept.span_tokens == [[[a, eos, b, eos], [b, pad, eos]]]
+    short = infill(model, torch.tensor([canvas]), allow_shorter=True, pad_token_id=pad)
+    assert short.span_tokens == [[[a, eos, b], [b]]]  # the EOS inside the first hole stays
+    assert short.row_tokens(0) == [c, a, eos, b, c, b, c]
+    assert short.sequences[0].tolist() == script  # the canvas itself keeps every position
+
+
+def test_explicit_spans_remask_existing_text_and_leave_a_literal_mask_alone(lm):
+    ids = lm.tokenizer.encode("Hello there, old friend.")
+    ids[2] = lm.mask_token_id  # a literal mask token outside the spans: context, never filled
+    out = infill(lm.model, torch.tensor([ids]), spans=[[(6, 11), (13, 16)]])
+    got = out.sequences[0].tolist()
+    assert got[:6] == ids[:6] and got[11:13] == ids[11:13] and got[16:] == ids[16:]
+    assert got[2] == lm.mask_token_id and out.filled == 8
+    with pytest.raises(IlladaError, match="overlapping"):
+        infill(lm.model, torch.tensor([ids]), spans=[[(3, 8), (6, 9)]])
+    with pytest.raises(IlladaError, match="bad"):
+        infill(lm.model, torch.tensor([ids]), spans=[[(5, 5)]])
+    with pytest.raises(IlladaError, match="cache 'prefix' is not supported for infill"):
+        infill(lm.model, torch.tensor([ids]), cache="prefix")
+    with pytest.raises(IlladaError, match="unknown infill option"):
+        infill(lm.model, torch.tensor([ids]), block_length=4)
