@@ -139,3 +139,84 @@ def test_explicit_spans_remask_existing_text_and_leave_a_literal_mask_alone(lm):
         infill(lm.model, torch.tensor([ids]), cache="prefix")
     with pytest.raises(IlladaError, match="unknown infill option"):
         infill(lm.model, torch.tensor([ids]), block_length=4)
+
+
+# ------------------------------------------------------------------------------------- text syntax and the API
+def test_placeholder_parsing_and_escapes():
+    from illada.holes import escape, parse_holes
+
+    assert parse_holes("The capital of France is <|mask:3|>, a city known for <|mask:8|>.") == [
+        "The capital of France is ", 3, ", a city known for ", 8, "."]
+    assert parse_holes("<|mask:2|><|mask:1|>") == [2, 1]
+    assert parse_holes(r"literal \<|mask:3|> then <|mask:4|>") == ["literal <|mask:3|> then ", 4]
+    assert parse_holes(r"a \\<|mask:2|> b") == ["a \\", 2, " b"]  # an escaped backslash, then a hole
+    assert parse_holes(r"a \\\<|mask:2|> <|mask:1|>") == ["a \\<|mask:2|> ", 1]
+    assert parse_holes(r"C:\path <|mask:1|>") == ["C:\\path ", 1]
+    text = r"keep <|mask:9|> and \<|mask:2|> \\ end"
+    assert parse_holes(escape(text) + "<|mask:1|>") == [text, 1]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("open <|mask:3 and more", "unclosed placeholder at character 5"),
+    ("zero <|mask:0|>", "positive number of tokens, got 0"),
+    ("negative <|mask:-2|>", "positive number of tokens, got -2"),
+    ("word <|mask:three|>", "is not an integer"),
+    ("empty <|mask:|>", "is not an integer"),
+    ("no holes here", "no hole in the text"),
+    (r"only \<|mask:3|> escaped", "no hole in the text"),
+])
+def test_bad_placeholders_are_one_line_errors(lm, text, message):
+    with pytest.raises(IlladaError, match=message) as caught:
+        lm.infill(text)
+    assert "\n" not in str(caught.value)
+
+
+def test_template_infill_keeps_every_literal_and_matches_the_canvas_sampler(lm):
+    template = "The capital of France is <|mask:3|>, a city known for <|mask:8|>. \\<|mask:2|> stays"
+    text, out = lm.infill(template, return_output=True)
+    a, b = out.fills[0]
+    assert text == f"The capital of France is {a}, a city known for {b}. <|mask:2|> stays"
+    assert [len(t) for t in out.span_tokens[0]] == [3, 8] and lm.mask_token_id not in out.sequences[0].tolist()
+    ids, spans = holes_canvas(lm, ["The capital of France is ", 3, ", a city known for ", 8,
+                                   ". <|mask:2|> stays"])
+    want = naive_infill(lm.model, ids, lm.mask_token_id)
+    assert out.span_tokens[0] == [want[s:e] for s, e in spans]
+    # a batch of templates: each as alone; the prefix/suffix form is the one-hole case
+    batch = lm.infill([template, "<|mask:4|> is here", "x <|mask:1|>"])
+    assert batch == [text, lm.infill("<|mask:4|> is here"), lm.infill("x <|mask:1|>")]
+    fill = lm.infill("The cat ", " sat.", 5)
+    assert lm.infill("The cat <|mask:5|> sat.") == f"The cat {fill} sat."
+    assert lm.infill("The cat ", " sat.", 5, steps=2) == lm.infill("The cat <|mask:5|> sat.", steps=2)[8:-5]
+
+
+def test_infill_options_and_input_errors(lm):
+    assert lm.infill("a <|mask:4|> b", temperature=1.0, seed=3) == lm.infill("a <|mask:4|> b", temperature=1.0, seed=3)
+    with pytest.raises(IlladaError, match="longer than the model context"):
+        lm.infill("x <|mask:300|>")
+    with pytest.raises(IlladaError, match="longer than the model context"):
+        lm.infill("y" * 256 + "<|mask:1|>")
+    with pytest.raises(IlladaError, match="unknown infill option"):
+        lm.infill("a <|mask:2|>", max_new_tokens=3)
+    with pytest.raises(IlladaError, match="not supported for infill"):
+        lm.infill("a <|mask:2|>", cache="dual")
+    with pytest.raises(IlladaError, match="together"):
+        lm.infill("a", suffix="b")
+    with pytest.raises(IlladaError, match="causal"):
+        tiny_lm(causal=True).infill("a <|mask:2|>")
+
+
+def test_edit_regenerates_exactly_the_given_character_spans(lm):
+    text = "To be, or not to be, that is the question."
+    new, out = lm.edit(text, [(10, 13), (33, 41)], return_output=True)
+    first, second = out.fills[0]
+    assert new == text[:10] + first + text[13:33] + second + text[41:]
+    assert [len(t) for t in out.span_tokens[0]] == [3, 8]  # same token count as the text they replace
+    assert lm.edit(text, [(33, 41), (10, 13)]) == new  # span order does not matter
+    longer, out = lm.edit(text, [(0, 2)], lengths=[6], return_output=True)
+    assert len(out.span_tokens[0][0]) == 6 and longer.endswith(text[2:])
+    for spans, message in [([(5, 3)], "empty or outside"), ([(0, 99)], "outside"), ([(0, 5), (3, 8)], "overlaps"),
+                           ([], "non-empty"), ([(1,)], "pair of integers"), ([(0.5, 2)], "pair of integers")]:
+        with pytest.raises(IlladaError, match=message):
+            lm.edit(text, spans)
+    with pytest.raises(IlladaError, match="one positive integer per span"):
+        lm.edit(text, [(0, 2)], lengths=[0])

@@ -109,39 +109,108 @@ class DiffusionLM:
         result = texts[0] if single else texts
         return (result, output) if return_output else result
 
-    def infill(self, prefix: str | list[str], suffix: str | list[str], length: int | list[int], *,
-               threshold: float | None = None, return_output: bool = False):
-        """The `length` tokens between `prefix` and `suffix` (each a str, or lists for a batch), filled by the
-        bidirectional model (`illada.sampling.fill_masks`); the prefix and suffix are never changed."""
-        from illada.sampling import fill_masks, left_pad
+    def infill(self, text: str | list[str], suffix: str | list[str] | None = None,
+               length: int | list[int] | None = None, *, allow_shorter: bool = False, return_output: bool = False,
+               **options):
+        """Fill holes with the bidirectional model (`illada.sampling.infill`); the text around them never changes.
+
+        Two forms: `lm.infill("The capital of France is <|mask:3|>, known for <|mask:8|>.")` fills every
+        `<|mask:N|>` placeholder (N tokens; syntax and escapes in `illada.holes`) and returns the whole text with
+        the holes filled; `lm.infill(prefix, suffix, length)` returns just the `length` tokens between them.
+        Lists give a batch (list results). `allow_shorter`: EOS/padding the model puts at the end of a hole is
+        dropped. Options are `illada.sampling.InfillConfig` fields (steps, remasking, temperature, cfg_scale,
+        threshold, factor, top_k, top_p, forbid_eos, eos_confidence, seed). `return_output=True` returns
+        (result, InfillOutput) instead; `output.fills` holds each hole's text.
+        """
+        from illada.holes import parse_holes
+
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if suffix is None and length is None:
+            rows = [parse_holes(t) for t in texts]
+            whole = True
+        elif suffix is None or length is None:
+            raise IlladaError("infill: give a text with <|mask:N|> holes, or prefix, suffix and length together")
+        else:
+            suffixes = [suffix] if isinstance(suffix, str) else list(suffix)
+            lengths = [length] * len(texts) if isinstance(length, int) else list(length)
+            if not len(texts) == len(suffixes) == len(lengths):
+                raise IlladaError("infill: prefix, suffix and length lists must have the same length")
+            if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+                raise IlladaError(f"infill: lengths must be positive integers, got {lengths}")
+            rows = [[p, n, q] for p, n, q in zip(texts, lengths, suffixes)]
+            whole = False
+        results, output = self.fill_pieces(rows, allow_shorter=allow_shorter, **options)
+        if not whole:
+            results = [fills[0] for fills in output.fills]
+        result = results[0] if single else results
+        return (result, output) if return_output else result
+
+    def edit(self, text: str, spans: list[tuple[int, int]], *, lengths: list[int] | None = None,
+             allow_shorter: bool = False, return_output: bool = False, **options):
+        """`text` with the character `spans` [(start, end), ...] remasked and regenerated from both sides: each
+        span becomes a hole of as many tokens as its text has (or `lengths[i]`); the rest is kept exactly.
+        Options as for `infill`."""
+        from illada.holes import edit_pieces
+
+        pieces = edit_pieces(text, spans, lambda piece: len(self.tokenizer.encode(piece)), lengths)
+        results, output = self.fill_pieces([pieces], allow_shorter=allow_shorter, **options)
+        return (results[0], output) if return_output else results[0]
+
+    def infill_options(self, options: dict) -> dict:
+        """`options` completed with this model's mask, EOS, EOT and padding ids (for `illada.sampling.infill`)."""
+        tok = self.tokenizer
+        options = dict(options)
+        options.setdefault("mask_id", self.mask_token_id)
+        options.setdefault("eos_token_id", tok.eos_token_id if tok.eos_token_id is not None else self.config.eos_token_id)
+        options.setdefault("eot_token_id", tok.eot_token_id)
+        options.setdefault("pad_token_id", tok.pad_token_id)
+        return options
+
+    def encode_pieces(self, rows: list[list]) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
+        """Left-padded (canvas, attention_mask, hole spans) for rows of pieces (str: text, int: a hole of that
+        many tokens), checked against the context."""
+        from illada.sampling import left_pad
 
         if self.config.causal:
             raise IlladaError(f"model {self.name} is causal (autoregressive): it cannot fill a gap before a suffix")
-        single = isinstance(prefix, str)
-        prefixes, suffixes = ([prefix], [suffix]) if single else (list(prefix), list(suffix))
-        lengths = [length] * len(prefixes) if isinstance(length, int) else list(length)
-        if not len(prefixes) == len(suffixes) == len(lengths):
-            raise IlladaError("infill: prefix, suffix and length lists must have the same length")
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
-            raise IlladaError(f"infill: lengths must be positive integers, got {lengths}")
-        mask_id, tok = self.mask_token_id, self.tokenizer
-        rows = [(tok.encode(p) if p else [], tok.encode(q) if q else [], n)
-                for p, q, n in zip(prefixes, suffixes, lengths)]
-        canvases = [p + [mask_id] * n + q for p, q, n in rows]
-        if max(len(c) for c in canvases) > self.config.max_seq_len:
-            raise IlladaError(f"infill: text + gap ({max(len(c) for c in canvases)} tokens) exceeds the context "
-                              f"({self.config.max_seq_len})")
+        if not rows:
+            raise IlladaError("infill: no text given")
+        mask_id, canvases, holes = self.mask_token_id, [], []
+        for pieces in rows:
+            ids, spans = [], []
+            for piece in pieces:
+                if isinstance(piece, int):
+                    spans.append((len(ids), len(ids) + piece))
+                    ids += [mask_id] * piece
+                elif piece:
+                    ids += self.tokenizer.encode(piece)
+            if len(ids) > self.config.max_seq_len:
+                raise IlladaError(f"infill: the text with its holes is {len(ids)} tokens, longer than the model "
+                                  f"context ({self.config.max_seq_len} tokens)")
+            canvases.append(ids)
+            holes.append(spans)
         ids, mask = left_pad(canvases, self.pad_token_id)
-        with torch.inference_mode():
-            output = fill_masks(self.model, ids.to(self.device), mask_id, attention_mask=mask.to(self.device),
-                                threshold=threshold)
         width = ids.shape[1]
+        holes = [[(s + width - len(c), e + width - len(c)) for s, e in spans] for c, spans in zip(canvases, holes)]
+        return ids.to(self.device), mask.to(self.device), holes
+
+    def fill_pieces(self, rows: list[list], **options):
+        """(texts, InfillOutput) for rows of pieces: each text is its literal pieces exactly as given with every
+        hole's decoded fill in place; `output.fills` holds the fills per row."""
+        from illada.sampling import infill
+
+        ids, mask, holes = self.encode_pieces(rows)
+        with torch.inference_mode():
+            output = infill(self.model, ids, spans=holes, attention_mask=mask, **self.infill_options(options))
+        decode = self.tokenizer.decode
+        output.fills = [[decode(t, skip_special_tokens=True) for t in row] for row in output.span_tokens]
         texts = []
-        for row, (p, q, n) in enumerate(rows):
-            start = width - len(q) - n
-            texts.append(tok.decode(output.sequences[row, start:start + n].tolist(), skip_special_tokens=True))
-        result = texts[0] if single else texts
-        return (result, output) if return_output else result
+        for pieces, fills in zip(rows, output.fills):
+            it = iter(fills)
+            texts.append("".join(next(it) if isinstance(p, int) else p for p in pieces))
+        output.texts = texts
+        return texts, output
 
     def chat(self, messages: list[dict], **options) -> str:
         """The assistant's reply to a conversation (list of {"role", "content"}), via the checkpoint's template."""

@@ -95,6 +95,7 @@ class InfillOutput:
     attention_mask: torch.Tensor | None = None  # (B, L) as given: 0 for padding
     history: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per pass: (canvas, step_of)
     texts: list[str] | None = None  # set by DiffusionLM.infill/edit: the decoded result of each row
+    fills: list[list[str]] | None = None  # set by DiffusionLM.infill/edit: each hole's decoded text
 
     def row_tokens(self, row: int) -> list[int]:
         """Row `row` as a token list: its real tokens with each hole replaced by its (trimmed) tokens."""
