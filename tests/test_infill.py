@@ -220,3 +220,58 @@ def test_edit_regenerates_exactly_the_given_character_spans(lm):
             lm.edit(text, spans)
     with pytest.raises(IlladaError, match="one positive integer per span"):
         lm.edit(text, [(0, 2)], lengths=[0])
+
+
+# -------------------------------------------------------------------------------------------------- the CLI
+from test_cli import checkpoint  # noqa: E402,F401  (the tiny saved checkpoint fixture)
+
+import illada  # noqa: E402
+from illada.__main__ import main  # noqa: E402
+
+TEMPLATE = "The capital of France is <|mask:3|>, a city known for <|mask:8|>."
+
+
+@pytest.mark.parametrize("argv, options", [
+    ([], {}),
+    (["--steps", "3", "--remasking", "margin", "--allow-shorter"], dict(steps=3, remasking="margin",
+                                                                        allow_shorter=True)),
+    (["--threshold", "0.2", "--cfg-scale", "1.0"], dict(threshold=0.2, cfg_scale=1.0)),
+    (["--temperature", "0.8", "--top-k", "20", "--seed", "5"], dict(temperature=0.8, top_k=20, seed=5)),
+])
+def test_infill_command_prints_the_library_result(checkpoint, capsys, argv, options):  # noqa: F811
+    assert main(["infill", TEMPLATE, "--model", str(checkpoint), *argv]) == 0
+    out, err = capsys.readouterr()
+    want = illada.load(checkpoint).infill(TEMPLATE, **{"seed": 0, **options})
+    assert out == want + "\n" and want.startswith("The capital of France is ") and want.endswith(".")
+    assert "2 holes · 11 tokens filled" in err
+
+
+def test_infill_show_and_record_show_the_holes_resolving_in_place(checkpoint, tmp_path, capsys):  # noqa: F811
+    page = tmp_path / "fill.html"
+    assert main(["infill", "Hi <|mask:2|> there <|mask:3|>!", "--model", str(checkpoint), "--show",
+                 "--record", str(page)]) == 0
+    out, err = capsys.readouterr()
+    assert "NFE 5" in out and "recorded 5 steps" in err
+    html = page.read_text()
+    assert html.count('class="frame"') == 5
+    assert html.count('<span class="c">') == 5 * len("Hi  there !")  # the fixed text in every frame
+    first = html.split('class="frame"')[1]
+    assert first.count('class="m"') == 4  # after step 1, four of the five hole tokens are still masked
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["a <|mask:3"], "unclosed placeholder"),
+    (["a <|mask:0|>"], "positive number of tokens, got 0"),
+    (["a <|mask:-1|>"], "positive number of tokens, got -1"),
+    (["a <|mask:x|>"], "not an integer"),
+    (["no hole"], "no hole in the text"),
+    (["a <|mask:200|>"], "longer than the model context"),
+    (["a <|mask:2|>", "--cache", "prefix"], "not supported by infill"),
+    (["a <|mask:2|>", "--record", "out.png"], "must end in .html or .gif"),
+    (["a <|mask:2|>", "--steps", "0"], "steps must be a positive integer"),
+    (["a <|mask:2|>", "--threshold", "2"], "threshold must be in"),
+])
+def test_infill_command_mistakes_exit_2_with_one_line(checkpoint, capsys, argv, message):  # noqa: F811
+    assert main(["infill", *argv[:1], "--model", str(checkpoint), *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "architecture, parameter counts and special tokens of a checkpoint or preset"),
     "generate": ("generate", "sample text from a model (fixed canvas, variable length, parallel decoding)"),
+    "infill": ("infill", "fill <|mask:N|> holes anywhere in a text, the text around them kept exactly"),
     "chat": ("chat", "multi-turn chat in the terminal with the checkpoint's chat template"),
     "eval": ("eval", "benchmarks by the paper's protocols on local files (choice tasks, GSM8K, HumanEval)"),
     "serve": ("serve", "OpenAI-compatible HTTP API with streaming, dynamic batching and a live web playground"),

@@ -195,14 +195,19 @@ class DiffusionLM:
         holes = [[(s + width - len(c), e + width - len(c)) for s, e in spans] for c, spans in zip(canvases, holes)]
         return ids.to(self.device), mask.to(self.device), holes
 
-    def fill_pieces(self, rows: list[list], **options):
+    def fill_pieces(self, rows: list[list], callback=None, **options):
         """(texts, InfillOutput) for rows of pieces: each text is its literal pieces exactly as given with every
-        hole's decoded fill in place; `output.fills` holds the fills per row."""
-        from illada.sampling import infill
+        hole's decoded fill in place; `output.fills` holds the fills per row. `callback(event, mask)` sees each
+        pass's `StepEvent` (the canvas is padded as `mask`, its (B, L) attention mask, says)."""
+        from illada.sampling import infill_stream
 
         ids, mask, holes = self.encode_pieces(rows)
         with torch.inference_mode():
-            output = infill(self.model, ids, spans=holes, attention_mask=mask, **self.infill_options(options))
+            for event in infill_stream(self.model, ids, spans=holes, attention_mask=mask,
+                                       **self.infill_options(options)):
+                if callback is not None:
+                    callback(event, mask)
+                output = event.output
         decode = self.tokenizer.decode
         output.fills = [[decode(t, skip_special_tokens=True) for t in row] for row in output.span_tokens]
         texts = []

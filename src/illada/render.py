@@ -15,6 +15,7 @@ from illada.errors import IlladaError
 from illada.files import write_atomic
 
 MASK_GLYPH = "░"
+CONTEXT_STEP = -2  # a piece of fixed text inside the canvas (infill: the text around the holes)
 
 
 def step_colour(step: int, total: int) -> str:
@@ -38,13 +39,29 @@ def frame_pieces(canvas: Sequence[int], step_of: Sequence[int], start: int, mask
     return pieces
 
 
+def canvas_pieces(canvas: Sequence[int], step_of: Sequence[int], holes: Sequence[bool], real: Sequence[bool],
+                  mask_id: int, token_text: Callable[[int], str]) -> list[tuple[str, int]]:
+    """(text, step) for every real position of an infill canvas: CONTEXT_STEP for the fixed text, -1 for a hole
+    still masked, else the step that filled it (the holes resolve in place)."""
+    pieces = []
+    for token, step, hole, keep in zip(canvas, step_of, holes, real):
+        if not keep:
+            continue
+        if not hole:
+            pieces.append((token_text(token), CONTEXT_STEP))
+        else:
+            pieces.append((MASK_GLYPH, -1) if token == mask_id and step < 0 else (token_text(token), step))
+    return pieces
+
+
 def rich_frame(prompt: str, pieces: list[tuple[str, int]], total_steps: int, footer: str = ""):
     """A rich Text of the prompt (dim) followed by the canvas, tokens coloured by commit step."""
     from rich.text import Text
 
     text = Text(prompt, style="dim")
     for piece, step in pieces:
-        text.append(piece, style="grey37" if step < 0 else step_colour(step, total_steps))
+        style = "dim" if step == CONTEXT_STEP else "grey37" if step < 0 else step_colour(step, total_steps)
+        text.append(piece, style=style)
     if footer:
         text.append("\n" + footer, style="italic")
     return text
@@ -55,13 +72,14 @@ def write_html(path: Path, prompt: str, frames: list[list[tuple[str, int]]], tot
     rendered = []
     for pieces in frames:
         spans = "".join(
-            f'<span class="m">{html.escape(t)}</span>' if s < 0
+            f'<span class="c">{html.escape(t)}</span>' if s == CONTEXT_STEP
+            else f'<span class="m">{html.escape(t)}</span>' if s < 0
             else f'<span style="color:{step_colour(s, total_steps)}" title="step {s}">{html.escape(t)}</span>'
             for t, s in pieces)
         rendered.append(f'<div class="frame">{spans}</div>')
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:ui-monospace,monospace;background:#111;color:#ddd;margin:2em;max-width:60em}}
-.frame{{white-space:pre-wrap;display:none;line-height:1.5}} .m{{color:#444}} .p{{color:#888;white-space:pre-wrap}}
+.frame{{white-space:pre-wrap;display:none;line-height:1.5}} .m{{color:#444}} .c{{color:#888}} .p{{color:#888;white-space:pre-wrap}}
 input{{width:100%}}</style></head><body><h3>{html.escape(title)}</h3>
 <input id="s" type="range" min="0" max="{len(frames) - 1}" value="{len(frames) - 1}">
 <p>step <span id="n"></span> / {len(frames) - 1}</p><div class="p">{html.escape(prompt)}</div>

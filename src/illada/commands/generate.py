@@ -27,6 +27,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                    help="iLLaDA: append blocks until EOS or a stop string (default)")
     g.add_argument("--fixed-length", dest="variable_length", action="store_false",
                    help="LLaDA: one canvas of max-new-tokens masks")
+    add_decoding_arguments(g)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--end-think-boost", type=float, default=0.0, help="boost for </think> (e.g. 100), §5.3")
+    g.add_argument("--end-think-power", type=float, default=3.0)
+
+
+def add_decoding_arguments(g) -> None:
+    """The knobs of each denoising step (shared by `generate` and `infill`)."""
     g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "margin", "entropy"])
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=None)
@@ -35,21 +43,22 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, default=None, help="parallel decoding: commit all tokens above this confidence")
     g.add_argument("--factor", type=float, default=None, help="parallel decoding: factor rule")
     g.add_argument("--cache", default="none", choices=["none", "prefix", "dual"], help="approximate KV cache")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--forbid-eos", action="store_true", help="never generate EOS")
     g.add_argument("--eos-confidence", default="normal", choices=["normal", "neg_inf"],
                    help="neg_inf: commit EOS/EOT candidates last")
-    g.add_argument("--end-think-boost", type=float, default=0.0, help="boost for </think> (e.g. 100), §5.3")
-    g.add_argument("--end-think-power", type=float, default=3.0)
     g.add_argument("--seed", type=int, default=0)
 
 
+def decoding_options(args: argparse.Namespace) -> dict:
+    """The options of `add_decoding_arguments`, by their sampler names."""
+    return dict(steps=args.steps, remasking=args.remasking, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, cfg_scale=args.cfg_scale, threshold=args.threshold, factor=args.factor,
+                cache=args.cache, forbid_eos=args.forbid_eos, eos_confidence=args.eos_confidence, seed=args.seed)
+
+
 def sampling_options(args: argparse.Namespace, tokenizer) -> dict:
-    options = dict(max_new_tokens=args.max_new_tokens, steps=args.steps, block_length=args.block_length,
-                   variable_length=args.variable_length, remasking=args.remasking, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, threshold=args.threshold,
-                   factor=args.factor, cache=args.cache, stop_strings=tuple(args.stop), forbid_eos=args.forbid_eos,
-                   eos_confidence=args.eos_confidence, seed=args.seed)
+    options = dict(decoding_options(args), max_new_tokens=args.max_new_tokens, block_length=args.block_length,
+                   variable_length=args.variable_length, stop_strings=tuple(args.stop))
     if args.end_think_boost:
         end_think = tokenizer.encode("</think>")
         options.update(end_think_ids=end_think, end_think_boost=args.end_think_boost,
