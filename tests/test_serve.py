@@ -535,3 +535,64 @@ def test_serve_command_options(monkeypatch):
             serve_command.listen("127.0.0.1", busy.getsockname()[1])
     finally:
         busy.close()
+
+
+# ------------------------------------------------------------------------------------------------- infilling
+TEMPLATE = "The capital of France is <|mask:3|>, a city known for <|mask:8|>."
+
+
+def test_suffix_insert_mode_fills_between_prompt_and_suffix(server, lm):
+    url, app = server
+    before = metrics(app)
+    r = client(url).completions.create(model="tiny-serve", prompt="The cat ", suffix=" on the mat.", max_tokens=5,
+                                       temperature=0)
+    want, out = lm.infill("The cat ", " on the mat.", 5, return_output=True)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens == len("The cat  on the mat.")
+    assert metrics(app)["nfe_total"] - before["nfe_total"] == out.nfe == r.model_extra["illada"]["nfe"]
+    # a list of prompts with n and sampler knobs: each row as alone
+    r = client(url).completions.create(model="tiny-serve", prompt=["A ", "Be "], suffix=" end", max_tokens=4, n=2,
+                                       temperature=0, extra_body={"steps": 2, "remasking": "margin"})
+    assert [c.text for c in r.choices] == [lm.infill(p, " end", 4, steps=2, remasking="margin")
+                                           for p in ("A ", "A ", "Be ", "Be ")]
+
+
+def test_placeholders_in_the_prompt_when_the_request_opts_in(server, lm):
+    url, _ = server
+    c = client(url)
+    r = c.completions.create(model="tiny-serve", prompt=TEMPLATE, max_tokens=4, temperature=0,
+                             extra_body={"illada_infill": True, "threshold": 0.3})
+    assert r.choices[0].text == lm.infill(TEMPLATE, threshold=0.3)
+    assert r.choices[0].text.startswith("The capital of France is ") and r.choices[0].text.endswith(".")
+    plain = c.completions.create(model="tiny-serve", prompt=TEMPLATE, **OPTS, extra_body=EXTRA)
+    assert plain.choices[0].text == expected(lm, TEMPLATE)  # without the opt-in a placeholder is plain text
+    status, text, _ = raw(url, "/v1/completions", {"prompt": "x <|mask:3|> y", "illada_infill": True,
+                                                   "illada_allow_shorter": True, "temperature": 0})
+    assert status == 200 and json.loads(text)["choices"][0]["text"] == lm.infill("x <|mask:3|> y",
+                                                                                 allow_shorter=True)
+    status, text, _ = raw(url, "/v1/completions", {"prompt": "x", "suffix": "y", "max_tokens": 3, "steps": 10**30})
+    assert status == 200 and json.loads(text)["choices"][0]["text"] == lm.infill("x", "y", 3)
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"prompt": "a <|mask:3", "illada_infill": True}, "prompt", "invalid_placeholder"),
+    ({"prompt": "a <|mask:0|>", "illada_infill": True}, "prompt", "invalid_placeholder"),
+    ({"prompt": "a <|mask:-2|>", "illada_infill": True}, "prompt", "invalid_placeholder"),
+    ({"prompt": "no holes", "illada_infill": True}, "prompt", "invalid_placeholder"),
+    ({"prompt": "y" * 250 + "<|mask:10|>", "illada_infill": True}, "prompt", "context_length_exceeded"),
+    ({"prompt": "a <|mask:65|>", "illada_infill": True}, "prompt", "invalid_value"),
+    ({"prompt": "a", "suffix": "b", "illada_infill": True}, "suffix", "invalid_value"),
+    ({"prompt": "a", "suffix": 3}, "suffix", "invalid_type"),
+    ({"prompt": [1, 2], "suffix": "b"}, "prompt", "invalid_type"),
+    ({"prompt": "a", "suffix": "b", "stream": True}, "stream", "unsupported_parameter"),
+    ({"prompt": "a", "suffix": "b", "block_length": 4}, "block_length", "unsupported_parameter"),
+    ({"prompt": "a", "suffix": "b", "cache": "prefix"}, "cache", "unsupported_parameter"),
+    ({"prompt": "a", "suffix": "b", "steps": 2, "threshold": 0.5, "factor": 1.0}, None, "invalid_value"),
+    ({"prompt": "a", "suffix": "b", "illada_infill": "yes"}, "illada_infill", "invalid_type"),
+])
+def test_bad_infill_requests_get_openai_400s(server, body, param, code):
+    url, _ = server
+    status, text, _ = raw(url, "/v1/completions", body)
+    assert status == 400, text
+    error = json.loads(text)["error"]
+    assert error["param"] == param and error["code"] == code and "\n" not in error["message"]

@@ -193,7 +193,8 @@ def infill_stream(model: nn.Module, canvas: torch.Tensor, *, spans: Sequence[Seq
     masked = holes.clone()
     counts_per_row = masked.sum(-1)
     if scheduled:
-        steps = counts_per_row.clamp(min=1) if cfg.steps is None else counts_per_row.clamp(min=1, max=cfg.steps)
+        most = width if cfg.steps is None else min(cfg.steps, width)  # a huge `steps` is just one per pass
+        steps = counts_per_row.clamp(min=1, max=max(most, 1))
         schedule = linear_schedule(counts_per_row, steps)
     step_of = torch.full_like(x, -1)
     row_nfe = torch.zeros(b, dtype=torch.long, device=device)

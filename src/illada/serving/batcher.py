@@ -30,6 +30,10 @@ log = logging.getLogger("illada.serve")
 _unique = itertools.count()
 
 
+class _Stopped(Exception):
+    """Every row of an infill batch was cancelled: stop between passes."""
+
+
 @dataclass(eq=False)
 class Ticket:
     """One HTTP request: its rows' results come back on `queue` as (row index, kind, payload) tuples, kind being
@@ -170,8 +174,11 @@ class Batcher:
         self.start()  # normally started by the app's lifespan already
         ticket = Ticket(request, loop)
         key, by_block = schedule(request.options)
-        rows = [Row(ticket, i, tokens, key, by_block, self._budget(tokens, request.options["gen_length"]))
-                for i, tokens in enumerate(request.rows)]
+        if request.infill is not None:  # canvases with holes: batched only with each other, run whole
+            rows = [Row(ticket, i, [], key + (("infill", True),), False) for i in range(len(request.infill))]
+        else:
+            rows = [Row(ticket, i, tokens, key, by_block, self._budget(tokens, request.options["gen_length"]))
+                    for i, tokens in enumerate(request.rows)]
         with self._cond:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", "server_error")
@@ -271,6 +278,9 @@ class Batcher:
         from illada.sampling import left_pad, stream
 
         lm = self.handle
+        if rows[0].ticket.request.infill is not None:
+            self._run_infill(rows)
+            return
         by_block = rows[0].by_block
         options = dict(rows[0].ticket.request.options)
         budgets = None
@@ -301,6 +311,35 @@ class Batcher:
                     self._step(rows, event, width)
         finally:
             events.close()
+
+    def _run_infill(self, rows: list[Row]) -> None:
+        """One batch of infill rows (`DiffusionLM.fill_pieces`): padded canvases, every row as it is alone."""
+        self.metrics.batch(len(rows))
+        seen = {"nfe": 0}
+
+        def step(event, mask) -> None:
+            self.metrics.add(nfe=event.nfe - seen["nfe"])
+            seen["nfe"] = event.nfe
+            if all(self._cancelled(row) for row in rows):
+                raise _Stopped()
+
+        try:
+            texts, output = self.handle.fill_pieces(
+                [row.ticket.request.infill[row.index] for row in rows], callback=step,
+                **rows[0].ticket.request.options)
+        except _Stopped:
+            self.metrics.add(batches_stopped=1)
+            return
+        for b, row in enumerate(rows):
+            if self._cancelled(row):
+                continue
+            request = row.ticket.request
+            kept = output.span_tokens[b]
+            row.generated = [t for hole in kept for t in hole]
+            row.nfe = int(output.row_nfe[b])
+            full = sum(e - s for s, e in output.spans[b])
+            text = texts[b] if request.infill_whole else output.fills[b][0]
+            self._answer(row, text, "length" if len(row.generated) == full else "stop")
 
     def _cancelled(self, row: Row) -> bool:
         if row.ticket.cancelled:

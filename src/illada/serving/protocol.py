@@ -34,11 +34,13 @@ IGNORED_FIELDS = {"user", "presence_penalty", "frequency_penalty", "logit_bias",
                   "service_tier", "parallel_tool_calls", "response_format"}
 # OpenAI fields we refuse unless they hold their "off" value.
 UNSUPPORTED_FIELDS = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
-                      "suffix": (None, ""), "best_of": (None, 1), "tools": (None, []), "functions": (None, []),
+                      "best_of": (None, 1), "tools": (None, []), "functions": (None, []),
                       "tool_choice": (None, "none")}
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                  "illada_stream_canvas"}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "suffix", "illada_infill", "illada_allow_shorter"}
+# Sampler knobs that mean nothing for a canvas with holes (the holes' lengths are given, there are no blocks).
+NOT_FOR_INFILL = ("block_length", "variable_length", "cache_refresh", "stop")
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 ROLES = ("system", "user", "assistant")
 
@@ -85,6 +87,8 @@ class GenerationRequest:
     stream: bool = False
     stream_canvas: bool = False
     include_usage: bool = False
+    infill: list[list] | None = None  # infill requests: per row, its pieces (str: text, int: a hole of N tokens)
+    infill_whole: bool = False  # answer the whole text with its holes filled (placeholders), not just the gap
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -286,6 +290,8 @@ def parse_request(body: dict, *, chat: bool, handle, model_ids: tuple[str, ...],
     if model not in model_ids:
         raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_ids[0]}'",
                        "invalid_request_error", "model", "model_not_found")
+    if not chat and (read_bool(body, "illada_infill", False) or body.get("suffix") not in (None, "")):
+        return _parse_infill(body, model, handle, limits)
     tokenizer = handle.tokenizer
     if chat:
         messages = body.get("messages")
@@ -357,6 +363,73 @@ def parse_request(body: dict, *, chat: bool, handle, model_ids: tuple[str, ...],
     return GenerationRequest(chat=chat, model=model, rows=rows, prompt_tokens=[len(r) for r in rows], n=n,
                              options=options, stop=stop, stream=stream, stream_canvas=stream_canvas,
                              include_usage=include_usage, id=prefix + uuid.uuid4().hex[:24])
+
+
+def _parse_infill(body: dict, model: str, handle, limits: Limits) -> GenerationRequest:
+    """An infill completion: OpenAI's insert mode (`suffix`: max_tokens tokens between `prompt` and `suffix`,
+    answered as the inserted text) or, with `"illada_infill": true`, a prompt with `<|mask:N|>` holes
+    (answered as the whole text with its holes filled). Not streamed."""
+    from illada.holes import parse_holes
+    from illada.sampling import InfillConfig
+
+    suffix, placeholders = body.get("suffix"), read_bool(body, "illada_infill", False)
+    if suffix not in (None, "") and placeholders:
+        raise bad("use either 'suffix' (insert mode) or 'illada_infill' (<|mask:N|> holes in the prompt), not both",
+                  "suffix", "invalid_value")
+    if suffix is not None and not isinstance(suffix, str):
+        raise bad("'suffix' must be a string", "suffix", "invalid_type")
+    if read_bool(body, "stream", False):
+        raise bad("streaming is not supported for infill requests; send 'stream': false", "stream",
+                  "unsupported_parameter")
+    for name in NOT_FOR_INFILL:
+        if body.get(name) is not None:
+            raise bad(f"'{name}' does not apply to infill requests", name, "unsupported_parameter")
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad("'prompt' is required", "prompt", "missing_required_parameter")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
+        raise bad("'prompt' must be a string or a list of strings for infill", "prompt", "invalid_type")
+    if len(prompts) > limits.max_prompts:
+        raise bad(f"at most {limits.max_prompts} prompts per request, got {len(prompts)}", "prompt", "invalid_value")
+    if placeholders:
+        try:
+            rows = [parse_holes(p) for p in prompts]
+        except IlladaError as error:
+            raise bad(str(error), "prompt", "invalid_placeholder") from None
+    else:
+        length = read_int(body, "max_tokens", min(limits.default_max_tokens, limits.max_tokens), 1, limits.max_tokens)
+        rows = [[p, length, suffix] for p in prompts]
+    for pieces in rows:
+        if sum(p for p in pieces if isinstance(p, int)) > limits.max_tokens:
+            raise bad(f"the holes ask for more than {limits.max_tokens} tokens", "prompt", "invalid_value")
+    n = read_int(body, "n", 1, 1, limits.max_n)
+    options = read_sampler_fields(body)
+    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+        value = read_float(body, name, None, low, high)
+        if value is not None and not (name == "top_p" and value >= 1.0):
+            options[name] = value
+    seed = read_int(body, "seed", None)
+    if seed is not None:
+        options["seed"] = seed
+    options["allow_shorter"] = read_bool(body, "illada_allow_shorter", False)
+    if options.get("cache", "none") != "none":
+        raise bad("'cache' must be 'none' for infill requests (holes can sit anywhere, so there is no cached "
+                  "prefix)", "cache", "unsupported_parameter")
+    try:
+        options = handle.infill_options(options)
+        InfillConfig(**options)
+    except IlladaError as error:
+        raise bad(str(error), None, "invalid_value") from None
+    try:
+        _, mask, holes = handle.encode_pieces(rows)
+    except IlladaError as error:
+        raise bad(str(error), "prompt", "context_length_exceeded") from None
+    pieces = [list(p) for p in rows for _ in range(n)]
+    context = [int(m.sum()) - sum(e - s for s, e in spans) for m, spans in zip(mask, holes)]
+    return GenerationRequest(chat=False, model=model, rows=[[] for _ in pieces],
+                             prompt_tokens=[c for c in context for _ in range(n)], n=n, options=options, infill=pieces,
+                             infill_whole=placeholders, id="cmpl-" + uuid.uuid4().hex[:24])
 
 
 # -- responses -------------------------------------------------------------------------------------------------
