@@ -161,3 +161,25 @@ def test_a_failing_reward_stops_the_run_naming_the_sample_and_keeps_the_checkpoi
     err = capsys.readouterr().err
     assert code == 2 and "reward flaky:reward failed on sample 0" in err and "ValueError: bad sample" in err
     assert (tiny_run / "flaky" / "checkpoints" / "step-00000002").is_dir()  # steps 1-2 kept, step 3 failed
+
+
+def test_two_processes_split_the_rollouts_and_resume_as_one(tiny_run):
+    import os
+    import subprocess
+
+    out = tiny_run / "ddp"
+    args = ["--init-from", str(tiny_run / "init"), "--data", str(tiny_run / "prompts.jsonl"), "--task", "exact",
+            "--out-dir", str(out), "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "8", "--block-length", "8", "--sampling-steps", "8", "--save-every", "2",
+            "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                             "-m", "illada", "rl", *args], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=tiny_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rl_rows = [r for r in rows if r["kind"] == "rl"]
+    assert [r["step"] for r in rl_rows] == [1, 2] and all(r["rollouts"] == 8 for r in rl_rows)  # 2 ranks x 1 x 4
+    # the checkpoint is world-size independent: one process continues it
+    more = train_rl(rl_config(tiny_run, out_dir=str(out), steps=3, prompts_per_step=2, group_size=4))
+    assert more.step == 3 and (out / "checkpoints" / "step-00000003").is_dir()

@@ -67,11 +67,16 @@ class LogLikelihoodEstimator(Protocol):
         """(B,) estimates of log p(completion | prompt), differentiable in the model's parameters."""
 
 
-def _token_logprobs(model, batch: ScoredBatch, masked: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """(B, L) log p(true token) at every position of the input with `masked` positions replaced by [MASK]."""
-    noisy = torch.where(masked, torch.full_like(batch.input_ids, mask_id), batch.input_ids)
-    logits = model(noisy, attention_mask=batch.attention_mask)
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.input_ids.unsqueeze(-1)).squeeze(-1)
+def _token_logprobs(model, batch: ScoredBatch, masks: list[torch.Tensor], mask_id: int) -> list[torch.Tensor]:
+    """For each mask, (B, L) log p(true token) at every position of the input with the masked positions replaced by
+    [MASK]; all masks in one forward (stacked rows), so a DDP-wrapped model runs once per backward."""
+    k = len(masks)
+    stacked = torch.cat(masks)
+    ids = batch.input_ids.repeat(k, 1)
+    noisy = torch.where(stacked, torch.full_like(ids, mask_id), ids)
+    logits = model(noisy, attention_mask=batch.attention_mask.repeat(k, 1))
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return list(logp.chunk(k))
 
 
 def _uniform(shape, generator, device) -> torch.Tensor:
@@ -89,7 +94,7 @@ class MeanFieldEstimator:
         return [batch.completion | (prompt_mask & batch.prompt)]
 
     def estimate(self, model, batch, masks, mask_id):
-        logp = _token_logprobs(model, batch, masks[0], mask_id)
+        (logp,) = _token_logprobs(model, batch, masks, mask_id)
         return (logp * batch.completion).sum(dim=1)
 
 
@@ -105,10 +110,9 @@ class CoupledEstimator:
         return [first, batch.completion & ~first]
 
     def estimate(self, model, batch, masks, mask_id):
-        total = torch.zeros(batch.input_ids.shape[0], device=batch.input_ids.device)
-        for masked in masks:  # each completion token is masked in exactly one of the two
-            total = total + (_token_logprobs(model, batch, masked, mask_id) * masked).sum(dim=1)
-        return total
+        # each completion token is masked in exactly one of the two halves and scored there
+        return sum((logp * masked).sum(dim=1) for logp, masked in zip(_token_logprobs(model, batch, masks, mask_id),
+                                                                         masks))
 
 
 @dataclass(frozen=True)
@@ -135,10 +139,10 @@ class ELBOEstimator:
 
     def estimate(self, model, batch, masks, mask_id):
         lengths = batch.completion_lengths.float()
-        total = torch.zeros(batch.input_ids.shape[0], device=batch.input_ids.device)
-        for masked in masks:
+        total = 0.0
+        for logp, masked in zip(_token_logprobs(model, batch, masks, mask_id), masks):
             k = masked.sum(dim=1).float().clamp(min=1)
-            total = total + (lengths / k) * (_token_logprobs(model, batch, masked, mask_id) * masked).sum(dim=1)
+            total = total + (lengths / k) * (logp * masked).sum(dim=1)
         return total / len(masks)
 
 

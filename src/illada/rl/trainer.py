@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from illada.errors import IlladaError
 from illada.rl.config import RLConfig
@@ -28,6 +29,7 @@ from illada.rl.rewards import build_rewards
 from illada.training.checkpointing import (clean_staging, latest_checkpoint, load_training_checkpoint,
                                           save_training_checkpoint)
 from illada.training.metrics import MetricsLog
+from illada.training.parallelize import apply_ddp, init_distributed
 
 
 @dataclass
@@ -40,14 +42,13 @@ class RLResult:
 
 
 def _resolve_checkpoint(path: str) -> Path:
-    path = Path(path).expanduser()
-    if (path / "config.json").is_file():
-        return path
-    if (path / "checkpoints").is_dir():
-        latest = latest_checkpoint(path)
-        if latest is not None:
-            return latest
-    raise IlladaError(f"rl: --init-from {path}: not a checkpoint or a run directory with one")
+    """--init-from: a checkpoint, a run directory (its newest checkpoint), a bundled name or a hub id."""
+    from illada.sources import resolve_model_dir
+
+    found = resolve_model_dir(path, "rl: --init-from")
+    if not (found / "config.json").is_file():
+        raise IlladaError(f"rl: --init-from {path}: not a checkpoint or a run directory with one")
+    return found
 
 
 def _seed(*parts: int) -> int:
@@ -67,10 +68,20 @@ class RLTrainer:
         options = {"mean_field": {"prompt_mask_prob": cfg.prompt_mask_prob}, "elbo": {"samples": cfg.elbo_samples}}
         self.estimator = get_estimator(cfg.estimator, **options.get(cfg.estimator, {}))
         self.init_path = _resolve_checkpoint(cfg.init_from)
-        self.lm = illada.load(self.init_path, device=cfg.device)
+        from illada.runtime import resolve_device
+
+        device = resolve_device(cfg.device)
+        self.env = init_distributed(device.type)
+        if self.env.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.env.local_rank)
+        if cfg.prompts_per_step % self.env.world_size:
+            raise IlladaError(f"rl: prompts_per_step ({cfg.prompts_per_step}) must divide among "
+                              f"{self.env.world_size} processes")
+        self.lm = illada.load(self.init_path, device=device)
         if self.lm.config.causal:
             raise IlladaError("rl: the model is causal (autoregressive); illada rl trains masked diffusion models")
         self.model = self.lm.model
+        self.wrapped = apply_ddp(self.model, self.env, device) if self.env.enabled else self.model
         self.reference = illada.load(self.init_path, device=cfg.device).model.eval().requires_grad_(False)
         self.samples = load_samples(cfg.data, cfg.task)
         if len(self.samples) < cfg.prompts_per_step:
@@ -83,8 +94,10 @@ class RLTrainer:
 
     # ----------------------------------------------------------------------------------------------- pieces
     def prompts_for(self, step: int) -> list[int]:
+        """This rank's prompts of `step`: every world_size-th of the step's seeded draw."""
         rng = np.random.default_rng(_seed(self.cfg.seed, step, 11))
-        return rng.choice(len(self.samples), size=self.cfg.prompts_per_step, replace=False).tolist()
+        chosen = rng.choice(len(self.samples), size=self.cfg.prompts_per_step, replace=False).tolist()
+        return chosen[self.env.rank::self.env.world_size]
 
     def prompt_text(self, sample: dict) -> str:
         """The prompt exactly as `illada eval` (0-shot) puts it to the model."""
@@ -100,7 +113,7 @@ class RLTrainer:
         completions, output = self.lm.generate(
             texts, return_output=True, max_new_tokens=cfg.max_new_tokens, block_length=cfg.block_length,
             steps=cfg.sampling_steps, temperature=cfg.temperature, variable_length=True, threshold=cfg.threshold,
-            cache=cfg.cache, seed=_seed(cfg.seed, step, 23))
+            cache=cfg.cache, seed=_seed(cfg.seed, step, 23, self.env.rank))
         eos = tok.eos_token_id if tok.eos_token_id is not None else self.lm.config.eos_token_id
         prompt_ids = [list(tok.encode(t)) for t in texts]
         tokens = []
@@ -132,7 +145,7 @@ class RLTrainer:
         advantages = group_advantages(rewards, cfg.group_size).to(self.lm.device)
         batch = ScoredBatch.from_lists(prompt_ids, tokens, self.lm.pad_token_id, self.lm.device)
         mask_id = self.lm.mask_token_id
-        masks = self.estimator.draw(batch, torch.Generator().manual_seed(_seed(cfg.seed, step, 37)))
+        masks = self.estimator.draw(batch, torch.Generator().manual_seed(_seed(cfg.seed, step, 37, self.env.rank)))
         with torch.no_grad():
             old = self.estimator.estimate(self.model, batch, masks, mask_id)
             ref = self.estimator.estimate(self.reference, batch, masks, mask_id)
@@ -144,7 +157,7 @@ class RLTrainer:
             group["lr"] = lr
         stats: dict[str, float] = {}
         for _ in range(cfg.inner_updates):
-            new = self.estimator.estimate(self.model, batch, masks, mask_id)
+            new = self.estimator.estimate(self.wrapped, batch, masks, mask_id)
             loss, stats = policy_loss(new, old, advantages, lengths, clip=cfg.clip, ref=ref, kl_coef=cfg.kl_coef)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -152,19 +165,36 @@ class RLTrainer:
             if not math.isfinite(grad_norm):
                 raise IlladaError(f"rl: non-finite gradients at step {step + 1}; lower the lr")
             self.optimizer.step()
-        rows = output.row_nfe.float().clamp(min=1) if output.row_nfe is not None else None
-        record = {"kind": "rl", "step": step + 1, "reward_mean": float(rewards.mean()),
-                  "reward_std": float(rewards.std(unbiased=False)), "loss": float(loss.detach()), "lr": lr,
-                  "grad_norm": grad_norm, "entropy": entropy, "completion_tokens": float(lengths.float().mean()),
-                  "tokens_per_forward": float((output.generated_lengths.float() / rows).mean()) if rows is not None
-                  else None, "rollout_s": round(rollout_seconds, 3),
-                  "step_s": round(time.perf_counter() - began, 3), **stats}
-        for name, values in parts.items():
-            record[f"reward/{name}"] = float(np.mean(values))
+        rows = output.row_nfe.float().clamp(min=1) if output.row_nfe is not None else torch.ones(len(tokens))
+        per_rollout = {"reward": rewards, "completion_tokens": lengths.float().cpu(),
+                       "tokens_per_forward": output.generated_lengths.float().cpu() / rows.cpu(),
+                       **{f"reward/{name}": torch.tensor(values) for name, values in parts.items()}}
+        per_rollout = {k: self._gather(v) for k, v in per_rollout.items()}  # every rank's rollouts
+        scalars = self._mean({"loss": float(loss.detach()), "grad_norm": grad_norm, "entropy": entropy, **stats})
+        all_rewards = per_rollout.pop("reward")
+        record = {"kind": "rl", "step": step + 1, "rollouts": int(all_rewards.numel()),
+                  "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
+                  "lr": lr, **scalars, **{k: float(v.mean()) for k, v in per_rollout.items()},
+                  "rollout_s": round(rollout_seconds, 3), "step_s": round(time.perf_counter() - began, 3)}
         for name in ("exact_answer", "exact_match"):
-            if name in parts:
-                record["accuracy"] = float(np.mean(parts[name]))
+            if f"reward/{name}" in record:
+                record["accuracy"] = record[f"reward/{name}"]
         return record
+
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        if not self.env.enabled:
+            return values.float()
+        out = [torch.zeros_like(values.float()) for _ in range(self.env.world_size)]
+        dist.all_gather(out, values.float().contiguous())
+        return torch.cat(out)
+
+    def _mean(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.env.enabled:
+            return values
+        keys = sorted(values)
+        flat = torch.tensor([float(values[k]) for k in keys])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        return {k: float(v) / self.env.world_size for k, v in zip(keys, flat)}
 
     def _entropy(self, batch: ScoredBatch, mask_id: int) -> float:
         """Mean entropy (nats) of the policy's predictions at the completion positions, all of them masked."""
@@ -191,48 +221,70 @@ class RLTrainer:
         return int(trainer_state["step"])
 
     def run(self, max_steps: int | None = None) -> RLResult:
-        cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        clean_staging(self.out_dir)
+        cfg, main = self.cfg, self.env.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            clean_staging(self.out_dir)
+        self._barrier()
         resume = latest_checkpoint(self.out_dir)
         start = self.restore(resume) if resume is not None else 0
-        if resume is not None:
+        if resume is not None and main:
             print(f"illada: resuming RL from {resume} (step {start})", file=sys.stderr)
-        log = MetricsLog(self.out_dir, resume_step=start)
-        (self.out_dir / "rl_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        log = MetricsLog(self.out_dir, resume_step=start) if main else None
+        if main:
+            (self.out_dir / "rl_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
-        if start == 0 and self.eval_samples:
+        if start == 0 and self.eval_samples and main:
             log.write({"kind": "eval", "step": 0, "accuracy": self.evaluate()})
+        self._barrier()
         previous = self._install_signals()
         last, record, stopped = resume, None, False
         try:
             for step in range(start, end):
                 record = self.step(step)
                 done = step + 1
-                if self.eval_samples and (done % cfg.eval_every == 0 or done == cfg.steps):
-                    accuracy = self.evaluate()
-                    log.write({"kind": "eval", "step": done, "accuracy": accuracy})
-                    record["eval_accuracy"] = accuracy
-                if done % cfg.log_every == 0 or done == end:
-                    log.write(record)
-                    _print_line(record, cfg.steps)
-                if done % cfg.save_every == 0 or done == end or self._stop:
-                    last = self.save(done, record)
-                    plot_rl(log.records(), self.out_dir / "rl.png")
-                if self._stop:
+                stop = self._stop_agreed()
+                if main:
+                    if self.eval_samples and (done % cfg.eval_every == 0 or done == cfg.steps):
+                        accuracy = self.evaluate()
+                        log.write({"kind": "eval", "step": done, "accuracy": accuracy})
+                        record["eval_accuracy"] = accuracy
+                    if done % cfg.log_every == 0 or done == end:
+                        log.write(record)
+                        _print_line(record, cfg.steps)
+                    if done % cfg.save_every == 0 or done == end or stop:
+                        last = self.save(done, record)
+                        plot_rl(log.records(), self.out_dir / "rl.png")
+                self._barrier()
+                if stop:
                     stopped = True
                     break
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        return RLResult(self.out_dir, (record or {}).get("step", start), last, log.records(), stopped)
+            if self.env.enabled and dist.is_initialized():
+                dist.destroy_process_group()
+        history = log.records() if log else []
+        return RLResult(self.out_dir, (record or {}).get("step", start), last, history, stopped)
+
+    def _barrier(self) -> None:
+        if self.env.enabled:
+            dist.barrier()
+
+    def _stop_agreed(self) -> bool:
+        if not self.env.enabled:
+            return self._stop
+        flag = torch.tensor(float(self._stop))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _install_signals(self) -> dict:
         def request_stop(signum, frame):
             if self._stop:
                 raise KeyboardInterrupt
             self._stop = True
-            print("\nillada: stop requested; saving a checkpoint after this step", file=sys.stderr)
+            if self.env.is_main:
+                print("\nillada: stop requested; saving a checkpoint after this step", file=sys.stderr)
 
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
