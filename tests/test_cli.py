@@ -113,7 +113,7 @@ def test_generate_unknown_model_is_a_clear_error(tmp_path, capsys):
 def test_chat_loop_feeds_history_and_resets():
     seen: list[list[dict]] = []
 
-    def reply(messages):
+    def reply(messages, write):
         seen.append([dict(m) for m in messages])
         return f"answer {len(seen)}"
 

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rl": ("rl", "RL with verifiable rewards (GRPO family) for masked diffusion models"),
     "tasks": ("tasks", "verifiable synthetic tasks (arithmetic, sudoku, reversal facts) as training / eval JSONL"),
 }
+# the commands that compute: each takes `--threads N` (illada.threads), applied before the command starts
+THREADED = {"generate", "infill", "chat", "eval", "serve", "prepare", "train", "sft", "rl"}
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -31,16 +33,49 @@ def _available() -> dict[str, tuple[str, str]]:
             if importlib.util.find_spec(f"illada.commands.{spec[0]}") is not None}
 
 
+_SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
+             argparse._AppendConstAction, argparse._HelpAction, argparse._VersionAction)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's help ends with its default, unless it says it already (on/off switches and required options
+    excepted): `--help` shows every default."""
+    for action in parser._actions:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default is argparse.SUPPRESS
+                or isinstance(action, _SWITCHES) or "default" in text.lower()):
+            continue
+        shown = "none" if action.default is None or action.default == [] else "%(default)s"
+        action.help = f"{text} (default: {shown})".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from illada import __version__
+    from illada.threads import add_threads_argument
+
     parser = argparse.ArgumentParser(prog="illada", description="Masked diffusion language models: iLLaDA / LLaDA.")
+    parser.add_argument("--version", action="version", version=f"illada {_version(__version__)}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in _available().items():
         module = importlib.import_module(f"illada.commands.{module_name}")
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command_parser)
+        if name in THREADED:
+            add_threads_argument(command_parser)
+        show_defaults(command_parser)
         command_parser.set_defaults(_run=module.run)
     return parser
+
+
+def _version(fallback: str) -> str:
+    """The installed distribution's version (the package metadata), else the package's `__version__`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("illada")
+    except PackageNotFoundError:
+        return fallback
 
 
 def one_line(error: BaseException) -> str:
@@ -70,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in THREADED:
+            from illada.threads import apply_threads
+
+            apply_threads(args.threads)
         return int(args._run(args) or 0)
     except (IlladaError, OSError, MemoryError) as error:
         # OSError / MemoryError: the machine said no (a path that cannot be written, a full disk, no memory).

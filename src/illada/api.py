@@ -71,7 +71,8 @@ class DiffusionLM:
         ids, mask = left_pad(encoded, self.pad_token_id)
         return ids.to(self.device), mask.to(self.device)
 
-    def generate(self, prompts: str | list[str], *, chat: bool = False, return_output: bool = False, **options):
+    def generate(self, prompts: str | list[str], *, chat: bool = False, return_output: bool = False,
+                 callback=None, **options):
         """Continue each prompt; returns the generated text (a str for a str prompt, else a list).
 
         Options are `illada.sampling.SamplingConfig` fields (max_new_tokens, steps, block_length, remasking,
@@ -79,7 +80,8 @@ class DiffusionLM:
         (`--objective ar`) decodes greedily with a KV cache until EOS, within max_new_tokens and the context.
         Each row gets exactly max_new_tokens unless a stop ends it first, in both modes (the last block is shorter
         when it is not a multiple of block_length), capped by the context after its own prompt: a warning says so
-        (and `output.notes`). With `return_output=True` returns (texts, GenerationOutput) instead.
+        (and `output.notes`). With `return_output=True` returns (texts, GenerationOutput) instead. `callback` sees
+        every denoising step (`illada.sampling.StepEvent`; not called for a causal model).
         """
         import warnings
 
@@ -102,7 +104,8 @@ class DiffusionLM:
                                     f"({self.config.max_seq_len} tokens)"]
             else:
                 # the sampler checks prompt + budget against the context (illada.sampling.blocks.plan_blocks)
-                output = generate(self.model, ids, attention_mask=mask, decode=self.tokenizer.decode, **options)
+                output = generate(self.model, ids, attention_mask=mask, decode=self.tokenizer.decode,
+                                  callback=callback, **options)
         for note in output.notes:
             warnings.warn(note, stacklevel=2)
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in output.generated_tokens()]
@@ -217,10 +220,11 @@ class DiffusionLM:
         output.texts = texts
         return texts, output
 
-    def chat(self, messages: list[dict], **options) -> str:
-        """The assistant's reply to a conversation (list of {"role", "content"}), via the checkpoint's template."""
+    def chat(self, messages: list[dict], callback=None, **options) -> str:
+        """The assistant's reply to a conversation (list of {"role", "content"}), via the checkpoint's template;
+        `callback` sees every denoising step (as in `generate`)."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate(prompt, **options).strip()
+        return self.generate(prompt, callback=callback, **options).strip()
 
     def score(self, context: str, choices: list[str], *, method: str = "confidence", **options) -> list[float]:
         """One score per choice (higher is better): method "confidence" (iLLaDA §6.2), "mc" (Monte Carlo
@@ -251,8 +255,8 @@ def _random_stand_in(device: torch.device, dtype: torch.dtype | None) -> Diffusi
 
 def load(path_or_name: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, mask_token_id: int | None = None) -> DiffusionLM:
-    """Load a checkpoint directory (iLLaDA or LLaDA layout), a training run directory (its latest checkpoint) or
-    a bundled model by name (default: the demo model).
+    """Load a checkpoint directory (iLLaDA or LLaDA layout), a training run directory (its latest checkpoint),
+    a bundled model by name (default: the demo model) or a Hugging Face hub id (`owner/name`, see illada.sources).
 
     device: 'cpu', 'cuda', 'cuda:1' or None/'auto'. dtype: 'bf16'/'fp16'/'fp32', or None: the checkpoint's own
     dtype on GPU and float32 on CPU (CPU bf16 matmuls are slow and lose precision).
@@ -264,24 +268,13 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
     if dtype_ is None and device_.type == "cpu":
         dtype_ = torch.float32
     bundled = bundled_models()
-    if name in bundled and not Path(name).exists():
-        path = bundled[name]
-        if not (path / "config.json").is_file():
-            print(f"illada: note: the bundled model {name!r} is not in this install yet; using an untrained "
-                  "random-weight tiny model (its output is noise)", file=sys.stderr)
-            return _random_stand_in(device_, dtype_)
-    else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise IlladaError(f"no model at {name!r}: not a directory and not a bundled model "
-                              f"({', '.join(sorted(bundled))})")
-        if not (path / "config.json").exists() and (path / "checkpoints").is_dir():  # a training run directory
-            from illada.training.checkpointing import latest_checkpoint
+    if name in bundled and not Path(name).exists() and not (bundled[name] / "config.json").is_file():
+        print(f"illada: note: the bundled model {name!r} is not in this install yet; using an untrained "
+              "random-weight tiny model (its output is noise)", file=sys.stderr)
+        return _random_stand_in(device_, dtype_)
+    from illada.sources import resolve_model_dir
 
-            latest = latest_checkpoint(path)
-            if latest is None:
-                raise IlladaError(f"{path} is a training run without a finished checkpoint yet")
-            path = latest
+    path = resolve_model_dir(name)  # a directory, a run (its newest checkpoint), a bundled name or a hub id
     model, config = load_checkpoint(path, device=device_, dtype=dtype_)
     tokenizer = Tokenizer.from_dir(path, mask_token_id=mask_token_id)
     if mask_token_id is not None:

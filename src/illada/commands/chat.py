@@ -16,12 +16,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system prompt placed before the conversation")
 
 
-def chat_loop(reply: Callable[[list[dict]], str], lines: Iterable[str], out: TextIO,
+class ReplyStream:
+    """A step callback that writes a reply as it becomes final: the generated tokens up to the first mask are
+    committed for good, so their text (to the first EOS/EOT, before any stop string) is printed as it grows.
+
+    Held back until later steps: trailing whitespace (the reply is stripped), a partly decoded character, and
+    the tail that could still become a stop string."""
+
+    def __init__(self, decode: Callable[..., str], write: Callable[[str], None], mask_id: int,
+                 end_ids: Iterable[int | None] = (), stop_strings: Iterable[str] = ()) -> None:
+        self.decode, self.write, self.mask_id = decode, write, mask_id
+        self.end_ids = {i for i in end_ids if i is not None}
+        self.stops = [s for s in stop_strings if s]
+        self.written = ""
+
+    def final_text(self, canvas: list[int], step_of: list[int]) -> str:
+        start = next((i for i, (t, s) in enumerate(zip(canvas, step_of)) if s >= 0 or t == self.mask_id),
+                     len(canvas))
+        tokens = []
+        for token in canvas[start:]:
+            if token == self.mask_id or token in self.end_ids:
+                break
+            tokens.append(token)
+        text = self.decode(tokens, skip_special_tokens=True).lstrip()
+        found = [text.index(stop) for stop in self.stops if stop in text]
+        if found:  # final up to the first stop string
+            return text[: min(found)].rstrip()
+        hold = max((len(stop) - 1 for stop in self.stops), default=0)  # the start of a stop string, maybe
+        return text[: len(text) - hold].rstrip().rstrip("\ufffd") if hold < len(text) else ""
+
+    def __call__(self, event) -> None:
+        if event.done:
+            return
+        text = self.final_text(event.canvas[0].tolist(), event.step_of[0].tolist())
+        if len(text) > len(self.written) and text.startswith(self.written):
+            self.write(text[len(self.written):])
+            self.written = text
+
+
+def chat_loop(reply: Callable[[list[dict], Callable[[str], None]], str], lines: Iterable[str], out: TextIO,
               system: str | None = None, prompt: Callable[[], None] | None = None) -> list[dict]:
     """Run the conversation over `lines` (user turns and /commands); returns the final conversation.
 
-    `reply(messages)` gives the assistant's text; it must already be free of EOS/EOT markers, since it is fed
-    back verbatim as the next turn's history.
+    `reply(messages, write)` gives the assistant's text; it may `write` the start of it to `out` as it is
+    produced (what it wrote must begin the answer; the rest is printed after it). The answer must already be free
+    of EOS/EOT markers, since it is fed back verbatim as the next turn's history. Ctrl-C (KeyboardInterrupt)
+    during a reply cancels that turn, its question dropped from the history, and the conversation goes on.
     """
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
@@ -38,10 +78,23 @@ def chat_loop(reply: Callable[[list[dict]], str], lines: Iterable[str], out: Tex
         elif command.startswith("/"):
             print(f"unknown command {command!r}; {HELP}", file=out)
         elif command:
+            written: list[str] = []
+
+            def write(piece: str) -> None:
+                written.append(piece)
+                out.write(piece)
+                out.flush()
+
             messages.append({"role": "user", "content": text})
-            answer = reply(messages)
-            messages.append({"role": "assistant", "content": answer})
-            print(answer, file=out)
+            try:
+                answer = reply(messages, write)
+            except KeyboardInterrupt:
+                messages.pop()
+                print(("\n" if written else "") + "(reply cancelled)", file=out, flush=True)
+            else:
+                messages.append({"role": "assistant", "content": answer})
+                shown = "".join(written)
+                print(answer[len(shown):] if answer.startswith(shown) else "\n" + answer, file=out, flush=True)
         if prompt:
             prompt()
     return messages
@@ -63,9 +116,13 @@ def run(args: argparse.Namespace) -> int:
     if interactive:
         print(f"illada chat · {lm.name} · {HELP}", file=sys.stderr)
 
-    def reply(messages: list[dict]) -> str:
-        with torch.inference_mode():
+    def reply(messages: list[dict], write: Callable[[str], None]) -> str:
+        if lm.config.causal:  # the autoregressive decoder has no denoising steps to stream
             return lm.chat(messages, **options)
+        streamer = ReplyStream(lm.tokenizer.decode, write, lm.mask_token_id,
+                               (lm.tokenizer.eos_token_id, lm.tokenizer.eot_token_id), options["stop_strings"])
+        with torch.inference_mode():
+            return lm.chat(messages, callback=streamer, **options)
 
     def show_prompt() -> None:
         print("> ", end="", file=sys.stderr, flush=True)

@@ -15,28 +15,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruct", action="store_true", help="use the task's -instruct preset (chat template)")
     parser.add_argument("--fewshot-data", default=None, metavar="FILE.jsonl",
                         help="few-shot examples (default: other samples of --data)")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="override the preset's number of shots")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="override the preset's number of shots (default: the preset's)")
     parser.add_argument("--method", default=None, choices=["confidence", "mc", "exact", "generate"],
-                        help="override the scoring method of a choice task")
-    parser.add_argument("--mc-num", type=int, default=None, help="Monte Carlo samples for --method mc")
+                        help="override the scoring method of a choice task (default: the preset's)")
+    parser.add_argument("--mc-num", type=int, default=None,
+                        help="Monte Carlo samples for --method mc (default: the preset's)")
     parser.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
                         help="likelihood scoring (exact, mc): prepend BOS (default: the preset's; mmlu/cmmlu: yes)")
     parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=None,
                         help="likelihood scoring (exact, mc): append EOS after the answer (default: the preset's; "
                              "mmlu/cmmlu: yes, the published BOS + context + [MASK] + EOS)")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--block-length", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default: the preset's)")
+    parser.add_argument("--block-length", type=int, default=None, help="block length (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     g = parser.add_argument_group("sampling (generation tasks; default: the preset's, one token per pass, greedy)")
     g.add_argument("--variable-length", dest="variable_length", action="store_true", default=None,
                    help="append blocks until EOS or a stop string (iLLaDA)")
     g.add_argument("--fixed-length", dest="variable_length", action="store_false",
                    help="one canvas of max-new-tokens masks (LLaDA)")
-    g.add_argument("--threshold", type=float, default=None, help="parallel decoding: commit all above this confidence")
-    g.add_argument("--factor", type=float, default=None, help="parallel decoding: factor rule")
-    g.add_argument("--cache", default=None, choices=["none", "prefix", "dual"], help="approximate KV cache")
-    g.add_argument("--remasking", default=None, choices=["low_confidence", "random", "margin", "entropy"])
-    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--threshold", type=float, default=None,
+                   help="parallel decoding: commit all above this confidence (default: the preset's)")
+    g.add_argument("--factor", type=float, default=None, help="parallel decoding: factor rule (default: the preset's)")
+    g.add_argument("--cache", default=None, choices=["none", "prefix", "dual"],
+                   help="approximate KV cache (default: the preset's)")
+    g.add_argument("--remasking", default=None, choices=["low_confidence", "random", "margin", "entropy"],
+                   help="which masked tokens to commit each step (default: the preset's)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the preset's)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N samples")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval test program")

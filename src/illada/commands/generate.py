@@ -10,7 +10,9 @@ from illada.errors import IlladaError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint directory or bundled model name (default: the demo model)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory, run directory (its newest checkpoint), bundled model name or "
+                             "Hugging Face hub id owner/name (default: the demo model)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32 on CPU, checkpoint dtype on GPU)")
 
@@ -22,7 +24,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         "model context, with a note)")
     g.add_argument("--steps", type=int, default=None,
                    help="denoising steps (fixed: total, default max-new-tokens; variable: per block, default block length)")
-    g.add_argument("--block-length", type=int, default=32)
+    g.add_argument("--block-length", type=int, default=32, help="tokens per block (default: 32)")
     g.add_argument("--variable-length", dest="variable_length", action="store_true", default=True,
                    help="iLLaDA: append blocks until EOS or a stop string (default)")
     g.add_argument("--fixed-length", dest="variable_length", action="store_false",
@@ -30,15 +32,16 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add_decoding_arguments(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--end-think-boost", type=float, default=0.0, help="boost for </think> (e.g. 100), §5.3")
-    g.add_argument("--end-think-power", type=float, default=3.0)
+    g.add_argument("--end-think-power", type=float, default=3.0, help="how the boost grows along a block (default: 3.0)")
 
 
 def add_decoding_arguments(g) -> None:
     """The knobs of each denoising step (shared by `generate` and `infill`)."""
-    g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "margin", "entropy"])
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "margin", "entropy"],
+                   help="which masked tokens to commit each step (default: low_confidence)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0.0)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 1, off)")
     g.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised classifier-free guidance weight")
     g.add_argument("--threshold", type=float, default=None, help="parallel decoding: commit all tokens above this confidence")
     g.add_argument("--factor", type=float, default=None, help="parallel decoding: factor rule")
@@ -46,11 +49,30 @@ def add_decoding_arguments(g) -> None:
     g.add_argument("--forbid-eos", action="store_true", help="never generate EOS")
     g.add_argument("--eos-confidence", default="normal", choices=["normal", "neg_inf"],
                    help="neg_inf: commit EOS/EOT candidates last")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the random draws (default: a fresh one when sampling is random, printed as "
+                        "'illada: seed N' so the run can be repeated with --seed N)")
+
+
+def is_random(args: argparse.Namespace) -> bool:
+    """Whether the decoding draws random numbers: temperature sampling or random remasking."""
+    return (args.temperature or 0) > 0 or args.remasking == "random"
+
+
+def pick_seed(args: argparse.Namespace) -> int | None:
+    """`--seed`, else for random decoding a fresh seed, printed once (`illada: seed N`) so the run can be repeated;
+    greedy decoding needs none. Sets `args.seed`, so a second call (each chat turn) reuses it."""
+    if args.seed is None and is_random(args):
+        import random
+
+        args.seed = random.SystemRandom().randrange(2**31)
+        print(f"illada: seed {args.seed}", file=sys.stderr)
+    return args.seed
 
 
 def decoding_options(args: argparse.Namespace) -> dict:
-    """The options of `add_decoding_arguments`, by their sampler names."""
+    """The options of `add_decoding_arguments`, by their sampler names (a seed picked for random decoding)."""
+    pick_seed(args)
     return dict(steps=args.steps, remasking=args.remasking, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, cfg_scale=args.cfg_scale, threshold=args.threshold, factor=args.factor,
                 cache=args.cache, forbid_eos=args.forbid_eos, eos_confidence=args.eos_confidence, seed=args.seed)

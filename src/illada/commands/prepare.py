@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="text files, JSONL files or directories of them (a plain-text file is one document)")
     parser.add_argument("--tokenizer", required=True,
-                        help="tokenizer directory, or 'bytes' for the built-in byte-level tokenizer")
+                        help="tokenizer or checkpoint directory, run directory, bundled model name, Hugging Face hub "
+                             "id (owner/name), or 'bytes' for the built-in byte-level tokenizer")
     parser.add_argument("--out", required=True, help="output dataset directory (new, or an unfinished run to resume)")
     parser.add_argument("--kind", choices=("pretrain", "sft"), default="pretrain",
                         help="pretrain: text / JSONL documents; sft: chat JSONL (default: pretrain)")

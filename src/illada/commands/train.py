@@ -16,6 +16,7 @@ from illada.files import check_output_dir, loads_strict
 from illada.training.config import TrainConfig, load_config_file
 
 DEFAULTS: dict = {}  # `illada sft` swaps in its own defaults
+_NEGATED = "_positive_of_"  # the dest of the positive flag of a `no_...` field
 
 
 def _flag_type(annotation: str):
@@ -43,7 +44,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict) -> Non
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         help_text = " ".join(filter(None, [comments.get(f.name), f"(default: {default})"]))
         help_text = help_text.replace("%", "%%")
-        if "bool" in annotation:
+        if "bool" in annotation and f.name.startswith("no_"):
+            # a negative field (no_decay_norms_embeddings) is the positive flag --decay-norms-embeddings and its
+            # --no-... form, never --no-no-...; config files keep the field's own key
+            positive = f.name.removeprefix("no_")
+            help_text = " ".join(filter(None, [f"--no-{positive.replace('_', '-')}: {comments.get(f.name, '')}",
+                                               f"(default: {'--no-' if default else '--'}{positive.replace('_', '-')})"]))
+            parser.add_argument("--" + positive.replace("_", "-"), dest=_NEGATED + f.name,
+                                action=argparse.BooleanOptionalAction, default=None, help=help_text.replace("%", "%%"))
+        elif "bool" in annotation:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name in ("betas", "model_overrides"):
             parser.add_argument(flag, dest=f.name, default=None, help=help_text)
@@ -61,6 +70,9 @@ def config_from_args(args: argparse.Namespace, defaults: dict) -> TrainConfig:
         values.update(load_config_file(args.config))
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
+        negated = getattr(args, _NEGATED + f.name, None)
+        if negated is not None:
+            value = not negated
         if value is None:
             continue
         if f.name in ("betas", "model_overrides"):

@@ -73,17 +73,20 @@ class _Item:
 # --------------------------------------------------------------------------------------------- tokenizer + inputs
 
 def load_tokenizer(spec: "Tokenizer | str | Path") -> tuple["Tokenizer", str]:
-    """A tokenizer and the name the manifest records: 'bytes' for the byte-level one, else a directory path."""
+    """A tokenizer and the name the manifest records: 'bytes' for the byte-level one, else a directory path (a model
+    name or hub id is resolved to its directory, see illada.sources)."""
     from illada.tokenizer import Tokenizer, byte_level_tokenizer
 
     if isinstance(spec, Tokenizer):
         return spec, str(getattr(spec, "name_or_path", None) or getattr(spec, "path", None) or "in-memory")
     if str(spec) == "bytes":
         return byte_level_tokenizer(), "bytes"
-    path = Path(spec)
+    from illada.sources import resolve_model_dir
+
+    # a tokenizer directory, a checkpoint or run directory, a bundled model name or a Hugging Face hub id
+    path = resolve_model_dir(spec, "tokenizer; or pass 'bytes' for the byte-level tokenizer")
     if not path.is_dir():
-        raise IlladaError(f"tokenizer directory {str(path)!r} does not exist "
-                          "(or pass 'bytes' for the byte-level tokenizer)")
+        raise IlladaError(f"tokenizer {str(spec)!r} is not a directory (or pass 'bytes' for the byte-level tokenizer)")
     return Tokenizer.from_dir(path), str(path.resolve())
 
 

@@ -27,7 +27,7 @@ class TrainConfig:
     # model: a preset (with overrides) for a fresh model, or a checkpoint directory to start from (SFT)
     preset: str = "small"  # model shape for a fresh model: tiny | small | illada-8b | llada-8b
     model_overrides: dict[str, Any] = field(default_factory=dict)  # JSON object of ModelConfig fields, e.g. {"n_layers": 4}
-    init_from: str | None = None  # checkpoint directory to start from (SFT); its tokenizer is used
+    init_from: str | None = None  # checkpoint or run directory (its newest checkpoint), bundled model name or hub id to start from (SFT); its tokenizer is used
     resume_from: str | None = None  # resume from this checkpoint of the run instead of the newest (e.g. past a corrupt one)
     seq_len: int = 256  # tokens per training row
     micro_batch_size: int = 8           # rows per forward on each process

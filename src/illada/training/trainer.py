@@ -128,7 +128,7 @@ class Trainer:
 
         source = self.tokenizer_source
         if self.cfg.init_from:
-            return Tokenizer.from_dir(self.cfg.init_from)
+            return Tokenizer.from_dir(self.init_path)
         if source in (None, "bytes"):
             return byte_level_tokenizer()
         if not Path(source).is_dir():
@@ -139,10 +139,14 @@ class Trainer:
         from illada.checkpoint import load_checkpoint
 
         cfg = self.cfg
+        if cfg.init_from:  # a checkpoint, a run directory (its newest checkpoint), a bundled name or a hub id
+            from illada.sources import resolve_model_dir
+
+            self.init_path = resolve_model_dir(cfg.init_from, "--init-from")
         self.tokenizer = self._load_tokenizer()
         causal = cfg.objective == "ar"
         if cfg.init_from:
-            model, model_config = load_checkpoint(cfg.init_from, device="cpu", dtype=torch.float32)
+            model, model_config = load_checkpoint(self.init_path, device="cpu", dtype=torch.float32)
             if model_config.causal != causal:
                 raise IlladaError(f"{cfg.init_from} is {'causal' if model_config.causal else 'bidirectional'}; "
                                   f"objective {cfg.objective} needs the other kind")
