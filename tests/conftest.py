@@ -32,3 +32,19 @@ def dataset(tmp_path_factory):
     (root / "corpus.txt").write_text(HAMLET)
     prepare_pretrain([root / "corpus.txt"], root / "packed", "bytes", progress=False)
     return root / "packed"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny byte-level checkpoint with random weights (context 64), for CLI and loader tests: copy it to edit."""
+    from illada.checkpoint import save_checkpoint
+    from illada.config import preset
+    from illada.model import build_model
+    from illada.tokenizer import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    config = preset("tiny", vocab_size=tok.vocab_size, max_seq_len=64, mask_token_id=tok.mask_token_id,
+                    eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny") / "tiny"
+    save_checkpoint(build_model(config, seed=0), config, path, tokenizer=tok)
+    return path

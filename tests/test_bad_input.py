@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import sys
 import urllib.error
@@ -15,7 +16,6 @@ import pytest
 import torch
 
 from illada.__main__ import main
-from illada.checkpoint import save_checkpoint
 from illada.config import PRESETS, ModelConfig, preset
 from illada.model import build_model
 from illada.tokenizer import byte_level_tokenizer
@@ -24,13 +24,8 @@ GEN = ["--max-new-tokens", "4", "--block-length", "4"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    tok = byte_level_tokenizer()
-    config = preset("tiny", vocab_size=tok.vocab_size, max_seq_len=64, mask_token_id=tok.mask_token_id,
-                    eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    path = tmp_path_factory.mktemp("bad") / "tiny"
-    save_checkpoint(build_model(config, seed=0), config, path, tokenizer=tok)
-    return path
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture
@@ -317,3 +312,87 @@ def test_model_config_types_are_checked():
     for change in ({"rope_theta": float("nan")}, {"n_layers": True}, {"causal": "yes"}, {"eos_token_id": -1}):
         with pytest.raises(IlladaError, match="model config"):
             ModelConfig(**{**PRESETS["tiny"].to_dict(), **change})
+
+
+# ------------------------------------------------------------------------------ found by tests/test_fuzz.py
+def test_a_huge_steps_is_one_token_per_pass(checkpoint, capsys):
+    """`--steps 10**30` once overflowed (or allocated 8 bytes per step of) the block schedule."""
+    for steps in ("100000000000", str(10**30)):
+        assert main(["generate", "x", "--model", str(checkpoint), *GEN, "--steps", steps]) == 0
+        assert "4 forward passes" in capsys.readouterr().err
+
+
+def test_server_huge_steps_is_not_a_500(server):
+    body = json.dumps({"prompt": "x", "max_tokens": 4, "steps": 10**30, "block_length": 4}).encode()
+    request = urllib.request.Request(server + "/v1/completions", data=body, method="POST",
+                                     headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200 and json.loads(response.read())["choices"]
+
+
+def test_prepare_skips_a_surrogate_or_too_deep_record_and_a_failure_leaves_no_output(tmp_path, capsys):
+    from illada.data.prepare import prepare_pretrain
+    from illada.errors import IlladaError
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "a\\ud800b"}\n' + b"[" * 100_000 + b'\n{"text": "fine"}\n')
+    manifest = prepare_pretrain([src], tmp_path / "data", "bytes", progress=False)
+    assert (manifest["num_examples"], manifest["skipped"]) == (1, 2)
+    assert [r["reason"] for r in manifest["skipped_records"]] == [
+        "not valid Unicode text (a lone surrogate U+D800)", "invalid JSON (nested too deeply)"]
+    src.write_bytes(b'{"text": 1}\n')  # nothing usable: one error, and no half-made dataset (progress.json)
+    with pytest.raises(IlladaError, match="no usable documents"):
+        prepare_pretrain([src], tmp_path / "new" / "deeper" / "data", "bytes", progress=False)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()  # a directory that was there stays, empty
+    with pytest.raises(IlladaError, match="no usable documents"):
+        prepare_pretrain([src], tmp_path / "empty", "bytes", progress=False)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000, b'{"step": true}', b'{"step": -1}', b'{"step": NaN}'])
+def test_corrupt_trainer_state_json(checkpoint, tmp_path, content):
+    from illada.training.checkpointing import CorruptCheckpoint, load_training_checkpoint
+
+    path = copy_of(checkpoint, tmp_path)
+    (path / "trainer_state.json").write_bytes(content)
+    with pytest.raises(CorruptCheckpoint, match="trainer_state.json"):
+        load_training_checkpoint(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "x", "--betas", "[" * 100_000], "--betas: not valid JSON (nested too deeply)"),
+    (["rl", "--init-from", "x", "--data", "y", "--rewards", "[" * 100_000], "--rewards: not valid JSON"),
+    (["rl", "--init-from", "x", "--data", "y", "--rewards", '{"exact_match": NaN}'], "NaN is not a JSON number"),
+    (["train", "--data", "x", "--model-overrides", '{"\ud800": 1}'], "unknown fields \\ud800"),
+    (["info", "a\nb\rc\x85d"], "unrecognized arguments: a b c d"),
+    (["generate", "x", "--threads", str(2**31)], "--threads: at most 4096 threads"),
+])
+def test_cli_one_line_for_fuzzed_argv(capsys, argv, message):
+    """Deep JSON in a flag, NaN in an rl JSON flag, a lone surrogate echoed in the message (printed escaped, not a
+    UnicodeEncodeError) and a stray argument with line breaks (argparse's error kept on one line)."""
+    code = main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(lines) and message in lines[-1], lines
+
+
+def test_an_output_path_that_is_not_unicode_is_printed_escaped(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["tasks", "make", "arithmetic", "--n", "1", "--out", "a\udcff.jsonl"]) == 0
+    assert "a\\udcff.jsonl: 1 arithmetic" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("threshold: high\n", "threshold (--threshold) must be a finite number"),
+    ("? x\n", "unknown keys"),
+    ("?\n", "unknown keys None"),
+    ("rewards: {1: 1.0}\n", "reward names must be non-empty strings"),
+])
+def test_rl_config_file_of_the_wrong_type(tmp_path, text, message):
+    from illada.errors import IlladaError
+    from illada.rl.config import RLConfig
+    from illada.training.config import load_config_file
+
+    (tmp_path / "rl.yaml").write_text(f"init_from: x\ndata: y\n{text}")
+    with pytest.raises(IlladaError, match=re.escape(message)):
+        RLConfig.from_dict(load_config_file(tmp_path / "rl.yaml")).validate()

@@ -33,6 +33,13 @@ def _available() -> dict[str, tuple[str, str]]:
             if importlib.util.find_spec(f"illada.commands.{spec[0]}") is not None}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage error on one line: a stray argument holding a line break stays inside it."""
+
+    def error(self, message: str):
+        super().error(" ".join(message.split()))
+
+
 _SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
              argparse._AppendConstAction, argparse._HelpAction, argparse._VersionAction)
 
@@ -53,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     from illada import __version__
     from illada.threads import add_threads_argument
 
-    parser = argparse.ArgumentParser(prog="illada", description="Masked diffusion language models: iLLaDA / LLaDA.")
+    parser = _Parser(prog="illada", description="Masked diffusion language models: iLLaDA / LLaDA.")
     parser.add_argument("--version", action="version", version=f"illada {_version(__version__)}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -90,11 +97,22 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
+def _escape_unencodable_output() -> None:
+    """Text that is not valid Unicode (a lone surrogate from a non-UTF-8 argv or file name, or a JSON "\\ud800"
+    echoed in a message or an output path) is printed escaped (\\udcff), never a UnicodeEncodeError traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (replaced by a caller): leave it
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for user mistakes, with a one-line message and no traceback)."""
     from illada.errors import IlladaError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    _escape_unencodable_output()
     debug = "--debug" in argv or os.environ.get("ILLADA_DEBUG") == "1"
     parser = build_parser()
     try:

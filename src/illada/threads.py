@@ -17,6 +17,7 @@ from illada.errors import IlladaError
 
 ENV = "ILLADA_NUM_THREADS"
 MAX_DEFAULT = 4
+MAX_THREADS = 4096
 HELP = (f"CPU threads for torch (default: ${ENV}, else $OMP_NUM_THREADS, else half the usable CPUs, at most "
         f"{MAX_DEFAULT}, so a shared machine is not oversubscribed)")
 
@@ -28,6 +29,8 @@ def _positive(text: str, where: str) -> int:
         raise IlladaError(f"{where}: expected a positive integer, got {text!r}") from None
     if value < 1:
         raise IlladaError(f"{where}: expected a positive integer, got {text!r}")
+    if value > MAX_THREADS:  # torch takes a C int: 2**31 was an OverflowError traceback
+        raise IlladaError(f"{where}: at most {MAX_THREADS} threads, got {text!r}")
     return value
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import math
 import re
 
 from illada.errors import IlladaError
+from illada.files import loads_strict
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -47,9 +47,11 @@ def _convert(name: str, kind: str, text: str):
     flag = "--" + name.replace("_", "-")
     if kind == "json":
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
+            return loads_strict(text)
+        except ValueError as error:  # JSONDecodeError, and NaN/Infinity
             raise IlladaError(f"{flag}: not valid JSON ({error})") from None
+        except RecursionError:
+            raise IlladaError(f"{flag}: not valid JSON (nested too deeply)") from None
     if text.lower() == "none":
         return None
     if kind == "int":

@@ -80,6 +80,8 @@ def config_from_args(args: argparse.Namespace, defaults: dict) -> TrainConfig:
                 value = loads_strict(value)
             except ValueError as error:  # JSONDecodeError, and NaN/Infinity
                 raise IlladaError(f"--{f.name.replace('_', '-')}: not valid JSON ({error})") from None
+            except RecursionError:
+                raise IlladaError(f"--{f.name.replace('_', '-')}: not valid JSON (nested too deeply)") from None
         values[f.name] = value
     config = TrainConfig.from_dict(values)
     config.validate()

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from illada.data.shards import MANIFEST, STATE, ShardWriter, token_dtype
-from illada.files import write_json_atomic
+from illada.files import read_json_object, write_json_atomic
 from illada.errors import IlladaError
 
 if TYPE_CHECKING:
@@ -218,13 +218,26 @@ def _read_jsonl(path: Path, index: int, offset: int, lines: int,
                 if lines == 1:
                     text = text.lstrip("\ufeff")
                 record = json.loads(text)
-                yield _Item(index, offset, lines, parse(record))
+                yield _Item(index, offset, lines, _unicode_texts(parse(record)))
             except UnicodeDecodeError:
                 yield _Item(index, offset, lines, skip="invalid UTF-8")
             except json.JSONDecodeError as error:
                 yield _Item(index, offset, lines, skip=f"invalid JSON ({error.msg}, column {error.colno})")
+            except RecursionError:
+                yield _Item(index, offset, lines, skip="invalid JSON (nested too deeply)")
             except _BadRecord as error:
                 yield _Item(index, offset, lines, skip=str(error))
+
+
+def _unicode_texts(texts: tuple[str, ...]) -> tuple[str, ...]:
+    """The texts of a record, which must be valid Unicode: JSON can spell a lone surrogate ("\\ud800") that no
+    tokenizer can encode (a bad record, not the end of the run)."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise _BadRecord(f"not valid Unicode text (a lone surrogate U+{ord(text[error.start]):04X})") from None
+    return texts
 
 
 def _text_field_parser(field: str) -> Callable[[object], tuple[str, ...]]:
@@ -314,6 +327,7 @@ class _Job:
     batch_bytes: int
     resume: bool
     progress: bool
+    started: bool = False           # set once the output is this run's (after the resume checks)
 
     def settings(self) -> dict:
         """Everything that determines the output; a resumed run must match it exactly."""
@@ -361,19 +375,13 @@ def _initial_state(job: _Job, settings: dict) -> dict:
         _clean(out, keep=set())
         return fresh
     if (out / MANIFEST).is_file():
-        try:
-            manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise IlladaError(f"{out / MANIFEST} is corrupt ({error}); pass --no-resume to start over") from error
+        manifest = _read_own(out / MANIFEST)
         if manifest.get("settings") == settings:
             return {"complete": manifest}
         raise IlladaError(f"{out} already holds a dataset made with other settings or inputs; "
                           "pass --no-resume to replace it")
     if (out / STATE).is_file():
-        try:
-            state = json.loads((out / STATE).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise IlladaError(f"{out / STATE} is corrupt ({error}); pass --no-resume to start over") from error
+        state = _read_own(out / STATE)
         if state.get("settings") != settings:
             raise IlladaError(f"{out} holds an unfinished run with other settings or inputs; "
                               "rerun that command to finish it, or pass --no-resume to start over")
@@ -384,13 +392,65 @@ def _initial_state(job: _Job, settings: dict) -> dict:
     return fresh
 
 
+def _read_own(path: Path) -> dict:
+    """A manifest or state file of an earlier run; unreadable is one IlladaError with the way out."""
+    try:
+        return read_json_object(path)
+    except IlladaError as error:
+        raise IlladaError(f"{error}: the file is corrupt; pass --no-resume to start over") from None
+
+
+def _new_dirs(path: Path) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, deepest first (what creating `path` adds)."""
+    new = []
+    while not path.exists() and not path.is_symlink() and path.parent != path:
+        new.append(path)
+        path = path.parent
+    return new
+
+
+def _committed_shards(out: Path) -> bool:
+    """Whether the state file of `out` lists closed shards (work a rerun of the same command resumes from)."""
+    if not (out / STATE).is_file():
+        return False
+    try:
+        return bool(read_json_object(out / STATE).get("shards"))
+    except IlladaError:
+        return True  # unreadable: not ours to judge
+
+
+def _discard_unfinished(job: _Job, created: list[Path]) -> None:
+    """After a run refused its input (an IlladaError: the same command would fail the same way again), an output
+    with nothing a rerun could reuse (no manifest, no committed shard) is removed, so the output is as it was
+    (absent, or the directory it found), never a half-made dataset. An output the run refused (another run's,
+    foreign files) is left alone."""
+    out = job.out_dir
+    if job.started and out.is_dir() and not (out / MANIFEST).exists() and not _committed_shards(out):
+        _clean(out, keep=set())
+    for path in created:  # the directories this run made, when nothing is left in them
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
 def _run(job: _Job) -> dict:
+    created = _new_dirs(job.out_dir)
+    try:
+        return _run_job(job)
+    except IlladaError:  # anything else (a crash, a full disk, Ctrl-C) keeps the state: a rerun continues it
+        _discard_unfinished(job, created)
+        raise
+
+
+def _run_job(job: _Job) -> dict:
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
     settings = job.settings()
     state = _initial_state(job, settings)
+    job.started = True
     console = Console(stderr=True, highlight=False)
     if "complete" in state:
         console.print(f"{job.out_dir} is already complete", markup=False, soft_wrap=True)

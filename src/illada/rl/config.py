@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from illada.config import type_mismatch
 from illada.errors import IlladaError
 
 
@@ -50,12 +51,22 @@ class RLConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RLConfig":
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        unknown = sorted((key for key in data if key not in cls.__dataclass_fields__), key=str)  # YAML: any key
         if unknown:
-            raise IlladaError(f"rl config: unknown keys {', '.join(unknown)}")
+            raise IlladaError(f"rl config: unknown keys {', '.join(map(str, unknown))}")
         return cls(**data)
 
+    def _check_types(self) -> None:
+        """Each field has its annotated type (a YAML `threshold: high` is one clear error, not a TypeError in a
+        comparison below); floats must be finite."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            want = None if kind.startswith("dict") else type_mismatch(value, kind)  # rewards: checked below
+            if want:
+                raise IlladaError(f"rl: {f.name} (--{f.name.replace('_', '-')}) must be {want}, got {value!r}")
+
     def validate(self) -> None:
+        self._check_types()
         if not self.init_from:
             raise IlladaError("rl: --init-from (a checkpoint or run directory) is required")
         if not self.data:
@@ -91,5 +102,7 @@ class RLConfig:
         if not isinstance(self.rewards, dict) or not self.rewards:
             raise IlladaError("rl: rewards must be a non-empty JSON object {name: weight}")
         for name, weight in self.rewards.items():
+            if not isinstance(name, str) or not name:
+                raise IlladaError(f"rl: reward names must be non-empty strings, got {name!r}")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise IlladaError(f"rl: reward {name!r} needs a finite numeric weight, got {weight!r}")

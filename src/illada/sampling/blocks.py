@@ -65,11 +65,13 @@ class BlockPlan:
         return [max(0, min(self.block_length, budget - offset)) for budget in self.budgets]
 
     def segment_steps(self, offset: int, length: int) -> int:
-        """Steps for `length` tokens of the generation from `offset` (0 for no tokens)."""
+        """Steps for `length` tokens of the generation from `offset` (0 for no tokens); never more than `length`:
+        every step commits at least one token, so more steps would only be empty columns of the schedule (and
+        `steps: 10**12` an allocation of that many)."""
         if length <= 0:
             return 0
         num, den = self.rate
-        return max(1, _ceil_div(num * (offset + length), den) - _ceil_div(num * offset, den))
+        return min(length, max(1, _ceil_div(num * (offset + length), den) - _ceil_div(num * offset, den)))
 
     def row_block_steps(self, index: int) -> list[int]:
         """Steps of block `index` for each row (from the row's own part of the block)."""

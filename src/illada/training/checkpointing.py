@@ -24,7 +24,7 @@ import torch
 
 from illada.config import ModelConfig
 from illada.errors import IlladaError
-from illada.files import write_atomic
+from illada.files import loads_strict, write_atomic
 from illada.model import Transformer
 
 
@@ -138,11 +138,14 @@ def load_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
     if not (path / "trainer_state.json").is_file():
         raise IlladaError(f"{path} is not a training checkpoint (no trainer_state.json)")
     try:
-        trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int):
+        trainer_state = loads_strict((path / "trainer_state.json").read_text(encoding="utf-8"))
+        step = trainer_state.get("step") if isinstance(trainer_state, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError("no integer 'step'")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CorruptCheckpoint(path, f"trainer_state.json: {error}") from None
+    except RecursionError:
+        raise CorruptCheckpoint(path, "trainer_state.json: nested too deeply") from None
     try:
         model, _ = load_checkpoint(path, device="cpu")
     except (IlladaError, OSError, ValueError, RuntimeError) as error:
