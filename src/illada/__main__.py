@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "benchmarks by the paper's protocols on local files (choice tasks, GSM8K, HumanEval)"),
     "serve": ("serve", "OpenAI-compatible HTTP API with streaming, dynamic batching and a live web playground"),
     "convert": ("convert", "convert a LLaDA-layout checkpoint into the iLLaDA layout"),
+    "merge": ("merge", "fold a LoRA adapter (PEFT format) into its base model as an iLLaDA-layout checkpoint"),
     "tokenizer": ("tokenizer", "train a byte-level BPE tokenizer with illada's special tokens"),
     "prepare": ("prepare", "tokenise text / chat corpora into packed training shards"),
     "train": ("train", "pre-train a masked diffusion (or autoregressive) model"),

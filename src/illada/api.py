@@ -254,15 +254,30 @@ def _random_stand_in(device: torch.device, dtype: torch.dtype | None) -> Diffusi
 
 
 def load(path_or_name: str | Path | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, mask_token_id: int | None = None) -> DiffusionLM:
+         dtype: str | torch.dtype | None = None, mask_token_id: int | None = None,
+         adapter: str | Path | None = None) -> DiffusionLM:
     """Load a checkpoint directory (iLLaDA or LLaDA layout), a training run directory (its latest checkpoint),
     a bundled model by name (default: the demo model) or a Hugging Face hub id (`owner/name`, see illada.sources).
 
     device: 'cpu', 'cuda', 'cuda:1' or None/'auto'. dtype: 'bf16'/'fp16'/'fp32', or None: the checkpoint's own
     dtype on GPU and float32 on CPU (CPU bf16 matmuls are slow and lose precision).
+
+    adapter: a PEFT LoRA adapter directory (or a LoRA training run: its newest checkpoint), merged into the weights
+    (the `lora` extra); without a model it applies to the base model its adapter_config.json records. A LoRA
+    checkpoint given as the model is that base with this adapter.
     """
     from illada.checkpoint import load_checkpoint
 
+    if path_or_name is not None and adapter is None and _lora_checkpoint(path_or_name):
+        path_or_name, adapter = None, path_or_name
+    if adapter is not None:
+        from illada.lora import adapter_dir, recorded_base
+
+        adapter = adapter_dir(adapter)
+        if path_or_name is None:
+            path_or_name = recorded_base(adapter)
+            if path_or_name is None:
+                raise IlladaError(f"--adapter {adapter}: its adapter_config.json names no base model; pass --model")
     name = str(path_or_name) if path_or_name is not None else DEFAULT_MODEL
     device_, dtype_ = resolve_device(device), resolve_dtype(dtype)
     if dtype_ is None and device_.type == "cpu":
@@ -276,10 +291,29 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
 
     path = resolve_model_dir(name)  # a directory, a run (its newest checkpoint), a bundled name or a hub id
     model, config = load_checkpoint(path, device=device_, dtype=dtype_)
+    if adapter is not None:
+        from illada.lora import apply_adapter
+
+        model = apply_adapter(model, adapter)
+        name = f"{name}+{adapter.parent.name if adapter.name.startswith('step-') else adapter.name}"
     tokenizer = Tokenizer.from_dir(path, mask_token_id=mask_token_id)
     if mask_token_id is not None:
         config = config.replace(mask_token_id=mask_token_id)
     return DiffusionLM(model=model.eval(), tokenizer=tokenizer, config=config, name=name)
+
+
+def _lora_checkpoint(name: str | Path) -> bool:
+    """Whether a local model path is a LoRA adapter (or a LoRA run) rather than a full model."""
+    from illada.lora import is_adapter
+
+    path = Path(name).expanduser()
+    if not path.is_dir() or (path / "config.json").exists():
+        return False
+    if (path / "checkpoints").is_dir():
+        from illada.training.checkpointing import latest_checkpoint
+
+        path = latest_checkpoint(path) or path
+    return is_adapter(path)
 
 
 def _sampling_defaults(options: dict, config: ModelConfig) -> dict:

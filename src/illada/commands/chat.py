@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Callable, Iterable, TextIO
 
-from illada.commands.generate import add_model_arguments, add_sampling_arguments, sampling_options
+from illada.commands.generate import add_model_arguments, add_sampling_arguments, load_model, sampling_options
 
 HELP = "commands: /reset starts a new conversation, /exit quits (Ctrl-D too)"
 
@@ -103,12 +103,11 @@ def chat_loop(reply: Callable[[list[dict], Callable[[str], None]], str], lines: 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import illada
     from illada.files import check_unicode, stdin_lines
 
     if args.system is not None:
         check_unicode(args.system, "--system")
-    lm = illada.load(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     options = sampling_options(args, lm.tokenizer)
     interactive = sys.stdin.isatty()
     if lm.is_random:

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import illada
+    from illada.commands.generate import load_model
     from illada.evaluation import evaluate, get_preset, load_samples, print_table, write_results
     from illada.files import check_output_dir
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if preset.kind == "humaneval":  # before loading anything: no isolation, no run (unless opted in)
         from illada.evaluation.sandbox import require_isolation
         require_isolation(args.allow_unsandboxed_code)
-    lm = illada.load(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     result = evaluate(lm, preset, samples, fewshot_pool=fewshot, limit=args.limit, batch_size=args.batch_size,
                       seed=args.seed, timeout=args.timeout, allow_unsandboxed=args.allow_unsandboxed_code,
                       log_path=out / f"{preset.name}.samples.jsonl" if out else None, progress=not args.no_progress)

@@ -15,6 +15,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "Hugging Face hub id owner/name (default: the demo model)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32 on CPU, checkpoint dtype on GPU)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a PEFT LoRA adapter (or a LoRA training run), merged into --model's weights; without "
+                             "--model, the base it records (needs the lora extra: pip install 'illada[lora]')")
+
+
+def load_model(args: argparse.Namespace):
+    """The model that `add_model_arguments`' flags name (illada.load)."""
+    import illada
+
+    return illada.load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +120,6 @@ def _token_text(tokenizer):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import illada
     from illada import render
     from illada.sampling import stream
 
@@ -121,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         raise IlladaError(f"--record: {args.record} must end in .html or .gif")
     if args.record:  # before any work: an unwritable path is found now, not after the generation
         check_output_file(args.record, "--record")
-    lm = illada.load(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     if lm.config.causal:  # an `--objective ar` twin: greedy left to right with a KV cache
         if args.show or args.record:
             raise IlladaError(f"{lm.name} is an autoregressive model: --show/--record show diffusion canvases")

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from illada.commands.generate import add_decoding_arguments, add_model_arguments, decoding_options
+from illada.commands.generate import add_decoding_arguments, add_model_arguments, decoding_options, load_model
 from illada.errors import IlladaError
 
 
@@ -30,7 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import illada
     from illada import render
     from illada.files import check_output_file, check_unicode, read_stdin_text
     from illada.holes import parse_holes
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if options["cache"] != "none":
         raise IlladaError(f"--cache {options['cache']} is not supported by infill (holes can sit anywhere, so "
                           "there is no cached prefix); use --cache none")
-    lm = illada.load(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     token_text = lambda token: lm.tokenizer.decode([token])  # noqa: E731
     frames, live = [], None
     if args.show:

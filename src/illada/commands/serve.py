@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from illada.commands.generate import add_model_arguments
+from illada.commands.generate import add_model_arguments, load_model
 from illada.errors import IlladaError
 
 API_KEY_ENV = "ILLADA_API_KEY"
@@ -85,11 +85,10 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise IlladaError(f"illada serve needs the serving extra ({error.name} is missing): "
                           "pip install 'illada[serve]'") from None
-    import illada
 
     sock = listen(args.host, args.port)
     try:
-        lm = illada.load(args.model, device=args.device, dtype=args.dtype)
+        lm = load_model(args)
     except BaseException:
         sock.close()
         raise

@@ -2,6 +2,7 @@
 
     out_dir/checkpoints/step-00000100/
         config.json, model.safetensors (iLLaDA layout), tokenizer files   <- a normal model checkpoint
+          (a LoRA run instead: adapter_config.json, adapter_model.safetensors   <- a PEFT adapter, see illada.lora)
         training_state.pt     full (unsharded) optimizer state keyed by parameter name, RNG states
         trainer_state.json    step, tokens seen, RNG state, counters
         train_config.json     the resolved TrainConfig
@@ -21,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from illada.config import ModelConfig
 from illada.errors import IlladaError
@@ -87,29 +89,22 @@ def save_training_checkpoint(
     train_config: dict,
     tokenizer=None,
     keep: int = 2,
+    adapter=None,
 ) -> Path:
-    """Write a complete checkpoint for `step` (call on one process), then advance `latest` and prune old ones."""
-    from illada.checkpoint import save_checkpoint
+    """Write a complete checkpoint for `step` (call on one process), then advance `latest` and prune old ones.
 
+    adapter: the PeftModel of a LoRA run; `model_state` then holds its adapters only, written in PEFT's format."""
     root = checkpoints_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
-        with torch.device("meta"):
-            module = Transformer(model_config)
-        # assign=True adopts the tensors of the full state dict: no second copy of the weights.
-        state = dict(model_state)
-        if model_config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        module.load_state_dict(state, strict=False, assign=True)
-        if model_config.tie_word_embeddings:
-            module.lm_head.weight = module.embed_tokens.weight
-        model_dir = staging / "model"
-        save_checkpoint(module, model_config, model_dir, tokenizer=tokenizer)
-        for item in model_dir.iterdir():
-            item.rename(staging / item.name)
-        model_dir.rmdir()
+        if adapter is not None:
+            from illada.lora import save_adapter
+
+            save_adapter(adapter, staging, model_state)
+        else:
+            _write_model(staging, model_state, model_config, tokenizer)
         torch.save(training_state, staging / "training_state.pt")
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         (staging / "train_config.json").write_text(json.dumps(train_config, indent=2))
@@ -128,8 +123,29 @@ def save_training_checkpoint(
     return final
 
 
+def _write_model(staging: Path, model_state: dict[str, torch.Tensor], model_config: ModelConfig, tokenizer) -> None:
+    """The model of a checkpoint: a normal model checkpoint's files, in `staging`."""
+    from illada.checkpoint import save_checkpoint
+
+    with torch.device("meta"):
+        module = Transformer(model_config)
+    # assign=True adopts the tensors of the full state dict: no second copy of the weights.
+    state = dict(model_state)
+    if model_config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    module.load_state_dict(state, strict=False, assign=True)
+    if model_config.tie_word_embeddings:
+        module.lm_head.weight = module.embed_tokens.weight
+    model_dir = staging / "model"
+    save_checkpoint(module, model_config, model_dir, tokenizer=tokenizer)
+    for item in model_dir.iterdir():
+        item.rename(staging / item.name)
+    model_dir.rmdir()
+
+
 def load_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(model state with our parameter names, training state (optimizer, RNG), trainer state) of a checkpoint.
+    """(model state with our parameter names (a LoRA run's: its adapters, with PEFT's keys), training state
+    (optimizer, RNG), trainer state) of a checkpoint.
 
     Any unreadable part (truncated or garbage files) raises `CorruptCheckpoint` naming the file."""
     from illada.checkpoint import load_checkpoint
@@ -147,10 +163,15 @@ def load_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
     except RecursionError:
         raise CorruptCheckpoint(path, "trainer_state.json: nested too deeply") from None
     try:
-        model, _ = load_checkpoint(path, device="cpu")
-    except (IlladaError, OSError, ValueError, RuntimeError) as error:
+        if (path / "adapter_config.json").is_file():  # a LoRA run's: its adapters, under PEFT's keys
+            from safetensors.torch import load_file
+
+            model_state = load_file(path / "adapter_model.safetensors")
+        else:
+            model, _ = load_checkpoint(path, device="cpu")
+            model_state = model.state_dict()
+    except (IlladaError, OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise CorruptCheckpoint(path, f"weights: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-    model_state = model.state_dict()
     try:
         training_state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
         if not isinstance(training_state, dict) or "optimizer" not in training_state:

@@ -10,6 +10,7 @@ from typing import Any
 from illada.config import ModelConfig, is_finite_number, type_mismatch
 from illada.errors import IlladaError
 from illada.files import loads_strict
+from illada.lora import TARGETS as LORA_TARGETS, check_settings as check_lora
 
 OBJECTIVES = ("diffusion", "ar", "sft-pairs")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
@@ -28,6 +29,11 @@ class TrainConfig:
     preset: str = "small"  # model shape for a fresh model: tiny | small | illada-8b | llada-8b
     model_overrides: dict[str, Any] = field(default_factory=dict)  # JSON object of ModelConfig fields, e.g. {"n_layers": 4}
     init_from: str | None = None  # checkpoint or run directory (its newest checkpoint), bundled model name or hub id to start from (SFT); its tokenizer is used
+    # LoRA (the `lora` extra, PEFT): train only low-rank adapters on a frozen --init-from model
+    lora_r: int = 0  # LoRA rank; 0: off (full fine-tuning). Checkpoints then hold only the adapters, in PEFT's format
+    lora_alpha: int = 16  # LoRA scale: the update is (lora_alpha / lora_r) B A
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = ",".join(LORA_TARGETS)  # comma-separated Linear layers that get adapters (attention and MLP projections)
     resume_from: str | None = None  # resume from this checkpoint of the run instead of the newest (e.g. past a corrupt one)
     seq_len: int = 256  # tokens per training row
     micro_batch_size: int = 8           # rows per forward on each process
@@ -103,6 +109,9 @@ class TrainConfig:
             raise IlladaError("train: lr must be positive and min_lr non-negative")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise IlladaError("train: dtype must be auto, fp32 or bf16")
+        check_lora(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)
+        if self.lora_r and not self.init_from:
+            raise IlladaError("train: --lora-r needs --init-from (LoRA adapts an existing model)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

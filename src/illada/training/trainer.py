@@ -57,6 +57,8 @@ def param_groups(model: Transformer, weight_decay: float, exempt_norms_embedding
     decay, no_decay = [], []
     embedding = model.embed_tokens.weight
     for name, param in model.named_parameters():
+        if not param.requires_grad:  # the frozen base of a LoRA run
+            continue
         if exempt_norms_embeddings and (param.ndim < 2 or param is embedding):
             no_decay.append(param)
         else:
@@ -163,6 +165,17 @@ class Trainer:
         if cfg.seq_len > model_config.max_seq_len:
             raise IlladaError(f"seq_len {cfg.seq_len} exceeds the model context {model_config.max_seq_len}")
         self.model_config = model_config
+        self.peft = None  # with --lora-r: the PeftModel around self.model, whose adapters alone are trained
+        if cfg.lora_r:
+            from illada.lora import wrap
+
+            self.peft = wrap(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                             base=str(Path(self.init_path).resolve()), seed=cfg.seed)
+            if self.env.is_main:
+                trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                print(f"illada: LoRA r={cfg.lora_r} on {cfg.lora_targets}: {trained:,} trainable parameters "
+                      f"({100 * trained / model.num_parameters():.2f}% of {model.num_parameters():,})",
+                      file=sys.stderr)
         self.model = model.to(self.device)
         self.wrapped = parallelize(self.model, cfg.distributed, self.env, self.device,
                                    activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
@@ -181,19 +194,30 @@ class Trainer:
     def _full_state(self) -> tuple[dict, dict]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # a LoRA run's state is its adapters: the frozen base is --init-from's, unchanged
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.peft is not None)
         return get_state_dict(self.wrapped, self.optimizer, options=options)
 
     def _restore(self, path: Path) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         model_state, training_state, trainer_state = load_training_checkpoint(path)
+        if (self.peft is not None) != bool(trainer_state.get("lora")):
+            have, want = ("LoRA", "full") if trainer_state.get("lora") else ("full", "LoRA")
+            raise IlladaError(f"{path} is a {have} fine-tuning checkpoint; this run is {want} fine-tuning "
+                              f"(--lora-r {self.cfg.lora_r}): resume with the run's own settings")
+        if self.peft is not None:
+            from illada.lora import model_keys
+
+            model_state = model_keys(model_state, self.model, str(path))
         if self.model_config.tie_word_embeddings:
             model_state.pop("lm_head.weight", None)
         set_state_dict(self.wrapped, self.optimizer, model_state_dict=model_state,
                        optim_state_dict=training_state["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
         torch.set_rng_state(training_state["torch_rng"])
+        if "cuda_rng" in training_state and self.device.type == "cuda":  # LoRA dropout on the GPU draws from it
+            torch.cuda.set_rng_state(training_state["cuda_rng"], self.device)
         return trainer_state
 
     def _resume_point(self) -> Path | None:
@@ -245,9 +269,13 @@ class Trainer:
                              "world_size": self.env.world_size, "global_batch": self.global_batch,
                              "data_position": {"step": step, "rows_consumed": step * self.global_batch}}
             training_state = {"optimizer": optim_state, "torch_rng": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                training_state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            if self.peft is not None:
+                trainer_state["lora"] = True
             path = save_training_checkpoint(self.out_dir, step, model_state, training_state, trainer_state,
                                             self.model_config, self.cfg.to_dict(), tokenizer=self.tokenizer,
-                                            keep=self.cfg.keep_checkpoints)
+                                            keep=self.cfg.keep_checkpoints, adapter=self.peft)
         if self.env.enabled:
             dist.barrier()
         return path
@@ -357,8 +385,11 @@ class Trainer:
             self._seconds_before = float(state.get("train_seconds", 0.0))
             if self.env.is_main:
                 print(f"illada: resuming from {resume} (step {start})", file=sys.stderr)
-        elif self.env.is_main:
-            self._check_fresh_start()
+        else:
+            if self.env.is_main:
+                self._check_fresh_start()
+            if self.peft is not None:  # LoRA dropout draws from the global generators: a fresh run seeds them
+                torch.manual_seed(cfg.seed + self.env.rank)
         # a fresh run records its config once its first step has worked: a run that cannot even take one step
         # (out of memory, bad data) leaves no train_config.json behind to make the directory look used
         config_pending = resume is None and self.env.is_main
