@@ -183,3 +183,12 @@ def test_two_processes_split_the_rollouts_and_resume_as_one(tiny_run):
     # the checkpoint is world-size independent: one process continues it
     more = train_rl(rl_config(tiny_run, out_dir=str(out), steps=3, prompts_per_step=2, group_size=4))
     assert more.step == 3 and (out / "checkpoints" / "step-00000003").is_dir()
+
+
+def test_rl_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["rl", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in text.split(" --")[1:]:
+        assert option.count("(default") <= 1, option
+    assert "(default: best available)" in text and "(default: coupled)" in text

@@ -35,7 +35,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = " ".join(filter(None, [comments.get(f.name), f"(default: {default})"])).replace("%", "%%")
+        comment = comments.get(f.name, "")
+        # a comment that states its own default ("(default: ...)") is not given a second one
+        default_text = "" if "(default" in comment else f"(default: {default})"
+        help_text = " ".join(filter(None, [comment, default_text])).replace("%", "%%")
         if _kind(str(f.type)) == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
