@@ -191,3 +191,20 @@ def test_rl_help_states_each_default_once(capsys):
     for option in text.split(" --")[1:]:
         assert option.count("(default") <= 1, option
     assert "(default: best available)" in text and "(default: coupled)" in text
+
+
+def test_a_batch_without_signal_does_not_move_the_weights(tiny_run, monkeypatch):
+    (tiny_run / "onceonly.py").write_text(
+        "calls = [0]\n"
+        "def reward(completion, sample):\n"
+        "    calls[0] += 1\n"
+        "    return completion.count('a') + (calls[0] % 3) if calls[0] <= 8 else 1.0\n")
+    monkeypatch.syspath_prepend(str(tiny_run))
+    sys.modules.pop("onceonly", None)
+    trainer = RLTrainer(rl_config(tiny_run, rewards={"onceonly:reward": 1.0}, prompts_per_step=2, group_size=4,
+                                  out_dir=str(tiny_run / "quiet")))
+    first = trainer.step(0)  # 8 rollouts with differing rewards: an update
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    second = trainer.step(1)  # all rewards 1.0: no signal, and Adam's momentum must not move anything
+    assert first["updated"] == 1.0 and second["updated"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())

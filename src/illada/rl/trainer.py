@@ -155,8 +155,13 @@ class RLTrainer:
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        stats: dict[str, float] = {}
-        for _ in range(cfg.inner_updates):
+        # the statistics of the policy as it is (KL to the reference measured even when nothing is updated)
+        loss, stats = policy_loss(old, old, advantages, lengths, clip=cfg.clip, ref=ref, kl_coef=cfg.kl_coef)
+        stats["updated"], grad_norm = 0.0, 0.0
+        # a batch whose every group has equal rewards carries no signal (and no KL term pulls): no optimizer step,
+        # since Adam's momentum would otherwise keep moving the weights on a zero gradient
+        informative = self._any(bool(advantages.abs().max() > 0) or cfg.kl_coef > 0)
+        for _ in range(cfg.inner_updates if informative else 0):
             new = self.estimator.estimate(self.wrapped, batch, masks, mask_id)
             loss, stats = policy_loss(new, old, advantages, lengths, clip=cfg.clip, ref=ref, kl_coef=cfg.kl_coef)
             self.optimizer.zero_grad(set_to_none=True)
@@ -165,6 +170,7 @@ class RLTrainer:
             if not math.isfinite(grad_norm):
                 raise IlladaError(f"rl: non-finite gradients at step {step + 1}; lower the lr")
             self.optimizer.step()
+            stats["updated"] = 1.0
         rows = output.row_nfe.float().clamp(min=1) if output.row_nfe is not None else torch.ones(len(tokens))
         per_rollout = {"reward": rewards, "completion_tokens": lengths.float().cpu(),
                        "tokens_per_forward": output.generated_lengths.float().cpu() / rows.cpu(),
@@ -180,6 +186,13 @@ class RLTrainer:
             if f"reward/{name}" in record:
                 record["accuracy"] = record[f"reward/{name}"]
         return record
+
+    def _any(self, flag: bool) -> bool:
+        if not self.env.enabled:
+            return flag
+        value = torch.tensor(float(flag))
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
         if not self.env.enabled:
