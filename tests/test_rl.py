@@ -89,6 +89,19 @@ def tiny_run(tmp_path):
     return tmp_path
 
 
+def counting_reward(root, monkeypatch, module: str, value: str) -> None:
+    """A user reward module `module:reward` returning the expression `value` of completion and calls[0] (the number
+    of calls so far); `_raise(error)` raises."""
+    source = ("calls = [0]\n"
+              "def _raise(error):\n    raise error\n"
+              "def reward(completion, sample):\n"
+              "    calls[0] += 1\n"
+              f"    return {value}\n")
+    (root / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(root))
+    sys.modules.pop(module, None)
+
+
 def rl_config(root, **overrides) -> RLConfig:
     values = dict(init_from=str(root / "init"), data=str(root / "prompts.jsonl"), task="exact",
                   out_dir=str(root / "rl"), steps=4, prompts_per_step=2, group_size=4, inner_updates=2,
@@ -145,15 +158,7 @@ def test_rl_cli_mistakes_are_one_line(tiny_run, capsys, argv, message):
 
 
 def test_a_failing_reward_stops_the_run_naming_the_sample_and_keeps_the_checkpoint(tiny_run, monkeypatch, capsys):
-    (tiny_run / "flaky.py").write_text(
-        "calls = [0]\n"
-        "def reward(completion, sample):\n"
-        "    calls[0] += 1\n"
-        "    if calls[0] > 16:\n"
-        "        raise ValueError('bad sample')\n"
-        "    return 0.0\n")
-    monkeypatch.syspath_prepend(str(tiny_run))
-    sys.modules.pop("flaky", None)
+    counting_reward(tiny_run, monkeypatch, "flaky", "_raise(ValueError('bad sample')) if calls[0] > 16 else 0.0")
     code = cli.main(["rl", "--init-from", str(tiny_run / "init"), "--data", str(tiny_run / "prompts.jsonl"),
                      "--task", "exact", "--out-dir", str(tiny_run / "flaky"), "--rewards", '{"flaky:reward": 1}',
                      "--steps", "4", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8",
@@ -194,13 +199,7 @@ def test_rl_help_states_each_default_once(capsys):
 
 
 def test_a_batch_without_signal_does_not_move_the_weights(tiny_run, monkeypatch):
-    (tiny_run / "onceonly.py").write_text(
-        "calls = [0]\n"
-        "def reward(completion, sample):\n"
-        "    calls[0] += 1\n"
-        "    return completion.count('a') + (calls[0] % 3) if calls[0] <= 8 else 1.0\n")
-    monkeypatch.syspath_prepend(str(tiny_run))
-    sys.modules.pop("onceonly", None)
+    counting_reward(tiny_run, monkeypatch, "onceonly", "completion.count('a') + calls[0] % 3 if calls[0] <= 8 else 1.0")
     trainer = RLTrainer(rl_config(tiny_run, rewards={"onceonly:reward": 1.0}, prompts_per_step=2, group_size=4,
                                   out_dir=str(tiny_run / "quiet")))
     first = trainer.step(0)  # 8 rollouts with differing rewards: an update
