@@ -11,7 +11,12 @@ temporary directory, then loads it in fresh subprocesses and reports, per scenar
 
 Scenarios: `stored` keeps the checkpoint's dtype (bf16; CPU parameters are memory maps of the shards), `fp32`
 casts while loading (what `illada.load` does on CPU), `naive` is the usual materialise-then-copy way
-(random-initialised model + `safetensors.torch.load_file` + `load_state_dict`) for comparison.
+(random-initialised model + `safetensors.torch.load_file` + `load_state_dict`) for comparison; `int8` and `int4`
+quantise while loading (`load_checkpoint(quantize=)`, torchao, float32 compute dtype as `illada.load` on CPU).
+With quantised scenarios a last table compares each one's peak RSS above the baseline to `stored` (bf16):
+the targets are <= 0.6x (int8) and <= 0.35x (int4).
+
+    python benchmarks/load_memory.py --shape 8b --layers 8 --scenarios stored,int8,int4   # 8B widths, 8 layers
 
     python benchmarks/load_memory.py                          # ~1.2B parameters, bf16 (~2.4 GB on disk)
     python benchmarks/load_memory.py --shape 8b --scenarios stored   # the illada-8b shape (~15 GB on disk)
@@ -36,7 +41,7 @@ SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=7168, n_layers=16, n_heads=16, n_kv_heads=4),
     "8b": dict(),
 }
-SCENARIOS = ("stored", "fp32", "naive")
+SCENARIOS = ("stored", "fp32", "naive", "int8", "int4")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, help="override the hidden size (heads keep head_dim 128)")
     p.add_argument("--intermediate", type=int, help="override the FFN size")
     p.add_argument("--vocab", type=int, help="override the vocabulary size")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}")
+    p.add_argument("--scenarios", default="stored,fp32,naive", help=f"comma-separated subset of {SCENARIOS}")
     p.add_argument("--shard-gb", type=float, default=1.0, help="shard size of the synthetic checkpoint (GiB)")
     p.add_argument("--dir", default=None, help="where to create the temporary checkpoint (default: $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
@@ -128,6 +133,11 @@ def child(path: str, scenario: str) -> None:
 
     import illada.checkpoint  # noqa: F401  (part of the baseline)
 
+    if scenario in ("int8", "int4"):
+        from illada.quantize import _quiet_import
+
+        _quiet_import()  # torchao's import is part of the baseline too
+
     baseline = _peak()
     start = time.perf_counter()
     if scenario == "naive":
@@ -145,17 +155,23 @@ def child(path: str, scenario: str) -> None:
             for name, tensor in shard.items():
                 own[name].copy_(tensor)
             del shard
+    elif scenario in ("int8", "int4"):
+        from illada.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(path, dtype=torch.float32, quantize=scenario)
     else:
         from illada.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(path, dtype=torch.float32 if scenario == "fp32" else None)
     seconds = time.perf_counter() - start
     after_load = _peak()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sum()  # reads every page of the parameter
+    from illada.quantize import storage_bytes, touch
+
     params = {id(p): p for p in model.parameters()}.values()
-    weights = sum(p.numel() * p.element_size() for p in params)
+    with torch.no_grad():
+        for p in params:
+            touch(p)  # reads every page of the parameter
+    weights = sum(storage_bytes(p) for p in params)
     print(json.dumps({"scenario": scenario, "weights": weights, "baseline": baseline, "load": after_load,
                       "touched": _peak(), "seconds": seconds}))
 
@@ -199,7 +215,8 @@ def main(argv=None) -> None:
           f"free disk {free_disk / 2**30:.0f} GiB, available RAM {free_ram / 2**30:.1f} GiB")
     if disk_bytes * 1.1 > free_disk:
         raise SystemExit("not enough free disk for the synthetic checkpoint")
-    need = {"stored": 1.3 * disk_bytes, "fp32": 2.6 * disk_bytes, "naive": 1.6 * disk_bytes}
+    need = {"stored": 1.3 * disk_bytes, "fp32": 2.6 * disk_bytes, "naive": 1.6 * disk_bytes,
+            "int8": 0.8 * disk_bytes, "int4": 0.6 * disk_bytes}
     skipped = [s for s in scenarios if need[s] > 0.9 * free_ram]
     scenarios = [s for s in scenarios if s not in skipped]
     for s in skipped:
@@ -213,11 +230,22 @@ def main(argv=None) -> None:
         print(f"wrote {shards} shards to {path} in {time.perf_counter() - start:.0f} s")
         gib = 2**30
         print(f"{'scenario':<8} {'weights':>10} {'baseline':>10} {'load':>10} {'touched':>10} {'ratio':>6} {'seconds':>8}")
+        results = {}
         for scenario in scenarios:
-            r = subprocess_json(["--child", str(path), "--scenario", scenario], shape_argv)
+            r = results[scenario] = subprocess_json(["--child", str(path), "--scenario", scenario], shape_argv)
             ratio = (r["touched"] - r["baseline"]) / r["weights"]
             print(f"{scenario:<8} {r['weights'] / gib:>9.2f}G {r['baseline'] / gib:>9.2f}G {r['load'] / gib:>9.2f}G "
                   f"{r['touched'] / gib:>9.2f}G {ratio:>6.2f} {r['seconds']:>8.1f}", flush=True)
+        quantised = [s for s in ("int8", "int4") if s in results]
+        if "stored" in results and quantised:
+            base = results["stored"]["touched"] - results["stored"]["baseline"]
+            targets = {"int8": 0.6, "int4": 0.35}
+            print(f"\npeak RSS above baseline (after touching every weight), vs bf16 ({base / gib:.2f}G)")
+            print(f"{'scenario':<8} {'peak':>10} {'x bf16':>7} {'target':>7}")
+            for s in quantised:
+                peak = results[s]["touched"] - results[s]["baseline"]
+                print(f"{s:<8} {peak / gib:>9.2f}G {peak / base:>7.2f} {'<= ' + str(targets[s]):>7}"
+                      f" {'ok' if peak / base <= targets[s] else 'MISSED'}")
     finally:
         if args.keep:
             print(f"kept {path}")

@@ -255,7 +255,7 @@ def _random_stand_in(device: torch.device, dtype: torch.dtype | None) -> Diffusi
 
 def load(path_or_name: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, mask_token_id: int | None = None,
-         adapter: str | Path | None = None) -> DiffusionLM:
+         adapter: str | Path | None = None, quantize: str | None = None) -> DiffusionLM:
     """Load a checkpoint directory (iLLaDA or LLaDA layout), a training run directory (its latest checkpoint),
     a bundled model by name (default: the demo model) or a Hugging Face hub id (`owner/name`, see illada.sources).
 
@@ -265,6 +265,10 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
     adapter: a PEFT LoRA adapter directory (or a LoRA training run: its newest checkpoint), merged into the weights
     (the `lora` extra); without a model it applies to the base model its adapter_config.json records. A LoRA
     checkpoint given as the model is that base with this adapter.
+
+    quantize: "int8" or "int4", torchao weight-only quantisation (the `quant` extra; `illada.quantize`), applied
+    layer by layer while the checkpoint streams in, so the full-precision model is never resident (with an
+    adapter it is, once: the adapter is merged first). int4 on CUDA needs bf16.
     """
     from illada.checkpoint import load_checkpoint
 
@@ -282,6 +286,10 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
     device_, dtype_ = resolve_device(device), resolve_dtype(dtype)
     if dtype_ is None and device_.type == "cpu":
         dtype_ = torch.float32
+    if quantize is not None:
+        from illada.quantize import check_mode
+
+        check_mode(quantize, device_, dtype_)  # before anything is read or downloaded
     bundled = bundled_models()
     if name in bundled and not Path(name).exists() and not (bundled[name] / "config.json").is_file():
         print(f"illada: note: the bundled model {name!r} is not in this install yet; using an untrained "
@@ -290,11 +298,15 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
     from illada.sources import resolve_model_dir
 
     path = resolve_model_dir(name)  # a directory, a run (its newest checkpoint), a bundled name or a hub id
-    model, config = load_checkpoint(path, device=device_, dtype=dtype_)
+    model, config = load_checkpoint(path, device=device_, dtype=dtype_, quantize=None if adapter else quantize)
     if adapter is not None:
         from illada.lora import apply_adapter
 
         model = apply_adapter(model, adapter)
+        if quantize is not None:
+            from illada.quantize import quantize_model
+
+            quantize_model(model, quantize, next(model.parameters()).dtype)
         name = f"{name}+{adapter.parent.name if adapter.name.startswith('step-') else adapter.name}"
     tokenizer = Tokenizer.from_dir(path, mask_token_id=mask_token_id)
     if mask_token_id is not None:

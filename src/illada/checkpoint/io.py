@@ -295,26 +295,41 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
-                    dtype: str | torch.dtype | None = None) -> tuple[Transformer, ModelConfig]:
+                    dtype: str | torch.dtype | None = None,
+                    quantize: str | None = None) -> tuple[Transformer, ModelConfig]:
     """Load a checkpoint directory (iLLaDA or LLaDA layout) into our model.
 
     device: None means CPU. dtype: None keeps the checkpoint's dtype; every tensor is cast to one dtype.
+    quantize: "int8" or "int4" quantises each Linear (and the embedding) with torchao as its weight is read
+    (`illada.quantize`; the `quant` extra); `dtype` is then the compute dtype.
     """
     config, _, entries = inspect_checkpoint(path)
     device = torch.device("cpu") if device is None else resolve_device(device)
     dtype = resolve_dtype(dtype) or _stored_dtype(entries)
+    if quantize is not None:
+        from illada import quantize as quant
+
+        quant.check_mode(quantize, device, dtype)
     with torch.device("meta"):
         model = Transformer(config)
+    linears = {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     try:
         for file, group in itertools.groupby(entries, key=lambda e: e.file):
             with _open_weights(file) as get:
                 for entry in group:
+                    tensor = get(entry.key)
+                    if quantize is not None and entry.name == "embed_tokens.weight":
+                        quant.quantize_embedding(model, tensor.to(device=device), quantize, dtype)
+                        continue
                     # A no-op on CPU in the stored dtype: the parameter is then a view of the memory map.
-                    _assign(model, entry.name, get(entry.key).to(device=device, dtype=dtype))
+                    _assign(model, entry.name, tensor.to(device=device, dtype=dtype))
+                    if quantize is not None and entry.name in linears:
+                        quant.quantize_linear(linears[entry.name], quantize)
+                    del tensor
     except torch.cuda.OutOfMemoryError as error:
         size = sum(e.numel for e in entries) * dtype.itemsize / 2**30
         raise IlladaError(f"out of memory on {device} loading {path} ({size:.1f} GiB of {dtype} weights)") from error
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and quantize is None:
         model.lm_head.weight = model.embed_tokens.weight
     left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left:  # cannot happen after inspect_checkpoint; kept so a bug never yields a half-loaded model

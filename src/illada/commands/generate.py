@@ -18,13 +18,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="a PEFT LoRA adapter (or a LoRA training run), merged into --model's weights; without "
                              "--model, the base it records (needs the lora extra: pip install 'illada[lora]')")
+    parser.add_argument("--quantize", default=None, metavar="int8|int4",
+                        help="torchao weight-only quantisation, applied layer by layer while loading (needs the "
+                             "quant extra: pip install 'illada[quant]'; int4 on CUDA needs --dtype bf16)")
 
 
 def load_model(args: argparse.Namespace):
     """The model that `add_model_arguments`' flags name (illada.load)."""
     import illada
 
-    return illada.load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
+    return illada.load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
+                       quantize=args.quantize)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
