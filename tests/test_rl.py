@@ -207,3 +207,10 @@ def test_a_batch_without_signal_does_not_move_the_weights(tiny_run, monkeypatch)
     second = trainer.step(1)  # all rewards 1.0: no signal, and Adam's momentum must not move anything
     assert first["updated"] == 1.0 and second["updated"] == 0.0
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_off_a_terminal_rl_logs_one_plain_line_per_step(tiny_run, capsys):
+    train_rl(rl_config(tiny_run, steps=2, progress=True, out_dir=str(tiny_run / "plain")))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line.split(" · ")[0] for line in lines] == ["step 1/2", "step 2/2"]
+    assert all(" · reward " in line and " · kl " in line for line in lines)

@@ -252,6 +252,7 @@ class RLTrainer:
         self._barrier()
         previous = self._install_signals()
         last, record, stopped = resume, None, False
+        progress = _Progress(cfg.progress and main, cfg.steps, start) if main else None
         try:
             for step in range(start, end):
                 record = self.step(step)
@@ -264,7 +265,7 @@ class RLTrainer:
                         record["eval_accuracy"] = accuracy
                     if done % cfg.log_every == 0 or done == end:
                         log.write(record)
-                        _print_line(record, cfg.steps)
+                        progress.update(record)
                     if done % cfg.save_every == 0 or done == end or stop:
                         last = self.save(done, record)
                         plot_rl(log.records(), self.out_dir / "rl.png")
@@ -273,6 +274,8 @@ class RLTrainer:
                     stopped = True
                     break
         finally:
+            if progress is not None:
+                progress.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if self.env.enabled and dist.is_initialized():
@@ -308,14 +311,38 @@ class RLTrainer:
         return previous
 
 
-def _print_line(record: dict, total: int) -> None:
-    parts = [f"step {record['step']}/{total}", f"reward {record['reward_mean']:.3f}±{record['reward_std']:.3f}"]
+def _summary(record: dict) -> str:
+    parts = [f"reward {record['reward_mean']:.3f}±{record['reward_std']:.3f}"]
     if "accuracy" in record:
         parts.append(f"acc {record['accuracy']:.3f}")
     if record.get("eval_accuracy") is not None:
         parts.append(f"held-out {record['eval_accuracy']:.3f}")
-    parts += [f"kl {record.get('kl', 0):.4f}", f"{record['step_s']:.1f} s"]
-    print(" · ".join(parts), file=sys.stderr, flush=True)
+    return " · ".join(parts + [f"kl {record.get('kl', 0):.4f}", f"{record['step_s']:.1f} s"])
+
+
+class _Progress:
+    """A rich bar with the latest step's summary on a terminal (when enabled); elsewhere (nohup, Slurm,
+    --no-progress) one plain line per logged step on stderr."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.total, self.bar = total, None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]rl"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"))
+            self.task = self.bar.add_task("rl", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, record: dict) -> None:
+        if self.bar is None:
+            print(f"step {record['step']}/{self.total} · {_summary(record)}", file=sys.stderr, flush=True)
+        else:
+            self.bar.update(self.task, completed=record["step"], info=_summary(record))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def plot_rl(records: list[dict], path: Path) -> None:
