@@ -119,6 +119,29 @@ def test_a_fresh_start_never_deletes_an_earlier_runs_metrics(dataset, tmp_path):
     assert train(cfg(dataset, out)).step == 4 and steps_logged(out) == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("where", ["weights", "training_state"])
+def test_disk_full_inside_the_writers_names_the_intact_checkpoint(dataset, tmp_path, monkeypatch, where):
+    """The weights writer reports a full disk as its own one-line error, torch.save as a RuntimeError."""
+    import torch
+
+    import illada.checkpoint
+
+    out = tmp_path / "run"
+    train(cfg(dataset, out, steps=2))
+    if where == "weights":
+        def full(*args, **kwargs):
+            raise IlladaError("cannot write the checkpoint x: No space left on device")
+        monkeypatch.setattr(illada.checkpoint, "save_checkpoint", full)
+    else:
+        def full(*args, **kwargs):
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(IlladaError, match=r"could not save the checkpoint of step 4 .*step-00000002, is intact"):
+        train(cfg(dataset, out))
+    assert latest_checkpoint(out).name == "step-00000002"
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no staging left
+
+
 def test_disk_full_during_a_save_keeps_the_last_checkpoint(dataset, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real = trainer_module.save_training_checkpoint

@@ -443,9 +443,14 @@ class Trainer:
                 if done % cfg.save_every == 0 or done == end or stop:
                     try:
                         last_ckpt = self.save(done, tokens, bad_steps) or last_ckpt
-                    except OSError as error:  # disk full, quota, permissions: the previous checkpoint is untouched
+                    except (OSError, IlladaError, RuntimeError) as error:
+                        # disk full, quota, permissions (as OSError, as the weights writer's IlladaError, or as
+                        # torch.save's RuntimeError): the previous checkpoint is untouched
+                        if isinstance(error, RuntimeError) and "writ" not in str(error):
+                            raise
+                        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
                         raise IlladaError(f"could not save the checkpoint of step {done} "
-                                          f"({error.strerror or error}); the last checkpoint, "
+                                          f"({reason}); the last checkpoint, "
                                           f"{last_ckpt or 'none'}, is intact: free space and rerun to resume "
                                           f"from it") from None
                 if stop:
