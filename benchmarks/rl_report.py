@@ -87,7 +87,7 @@ def write(out: Path, rows: list[dict], spread: list[dict]) -> None:
     lines = ["# RL on sudoku from an early-stopped MDM (`bash recipes/sudoku-rl.sh`)", "",
              "Held-out: 100 test puzzles, greedy, one token per pass, exact grid (the proof table's protocol). "
              "Rollouts: 8 prompts x 8 at temperature 0.7 with threshold-0.9 decoding per step, 2 inner updates, "
-             "lr 3e-4, clip 0.2 (recipes/sudoku-rl.yaml). 1 CPU thread per run, three runs at once on 2 cores "
+             "lr 1e-4, clip 0.2 (recipes/sudoku-rl.yaml). 1 CPU thread per run, three runs at once on 2 cores "
              "(with other work running), so seconds per step are comparable with each other only.", "",
              "| variant | estimator | KL coef | steps | held-out start | best | last | gain (last) | rollout reward "
              "first 10 -> last 10 | reward std | KL to start | s/step |",
