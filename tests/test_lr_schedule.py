@@ -1,4 +1,5 @@
 """LR schedules: exact values at the key steps (formulas written here), validation, optimizer hooks."""
+import dataclasses
 import math
 
 import pytest
@@ -11,8 +12,6 @@ from illada.training.lr_schedule import (
     WarmupConstantCosine,
     WarmupStableDecay,
     build_schedule,
-    lambda_lr,
-    schedule_to_dict,
     set_lr,
 )
 
@@ -87,7 +86,7 @@ def test_build_schedule_by_name_and_round_trip():
     wsd = build_schedule("wsd", decay_fraction=0.2, step_down_step=50, step_down_lr=1e-4, **common)
     tail = build_schedule("linear-tail", decay_fraction=0.1, **common)
     for schedule in (cos, wsd, tail):
-        assert build_schedule(**schedule_to_dict(schedule)) == schedule
+        assert build_schedule(schedule.name, **dataclasses.asdict(schedule)) == schedule
 
 
 @pytest.mark.parametrize("name, kw, words", [
@@ -119,11 +118,4 @@ def test_optimizer_hooks_follow_the_schedule_from_any_step():
     for step in (0, 3, 12, 25):
         set_lr(opt, schedule(step))
         assert [g["lr"] for g in opt.param_groups] == [schedule(step)] * 2
-    opt = torch.optim.SGD([param], lr=1e-2)
-    scheduler = lambda_lr(opt, schedule)
-    seen = []
-    for _ in range(20):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        scheduler.step()
-    assert seen == pytest.approx([schedule(s) for s in range(20)])
+

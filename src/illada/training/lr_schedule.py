@@ -210,17 +210,7 @@ def build_schedule(name: str, **kw) -> Schedule:
     return cls(**{k: v for k, v in kw.items() if k in fields})
 
 
-def schedule_to_dict(schedule: Schedule) -> dict:
-    """`{"name": ..., **fields}`: `build_schedule(**d)` rebuilds it (for saving beside a checkpoint)."""
-    return {"name": schedule.name, **dataclasses.asdict(schedule)}
-
-
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every parameter group (call before `optimizer.step()` with `schedule(step)`)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def lambda_lr(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
-    """A `LambdaLR` following `schedule`; the optimizer's groups must have been created with lr = peak_lr."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / schedule.peak_lr)
