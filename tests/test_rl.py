@@ -13,7 +13,7 @@ from illada.config import preset
 from illada.errors import IlladaError
 from illada.model import build_model
 from illada.rl.config import RLConfig
-from illada.rl.grpo import group_advantages, policy_loss
+from illada.rl.grpo import group_advantages, policy_loss, token_policy_loss
 from illada.rl.rewards import RewardError, build_rewards
 from illada.rl.trainer import RLTrainer, train_rl
 from illada.tokenizer import byte_level_tokenizer
@@ -45,6 +45,21 @@ def test_policy_loss_values_and_gradients_by_hand():
     _, with_kl = policy_loss(new, old, adv, lengths, ref=ref, kl_coef=0.5)
     d = torch.tensor([-1.0 / 5, 0.0, 0.0])
     assert with_kl["kl"] == pytest.approx(float((d.exp() - d - 1).mean()))
+
+
+def test_token_policy_loss_by_hand():
+    # two rows: row 0 has 2 completion positions, row 1 has 1 (its second position is padding)
+    new = torch.tensor([[-1.0, -2.0], [-3.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, -2.0 - 1.0], [-3.0, 0.0]])  # position (0, 1): ratio e^1 > 1 + clip
+    completion = torch.tensor([[True, True], [True, False]])
+    adv = torch.tensor([1.0, -1.0])
+    loss, stats = token_policy_loss(new, old, adv, completion, clip=0.2)
+    # row 0: mean(1 * 1, min(e * 1, 1.2 * 1)) = 1.1; row 1: -1 -> loss = -(1.1 - 1) / 2
+    assert loss.item() == pytest.approx(-(1.1 - 1.0) / 2)
+    loss.backward()
+    # d/dnew of -(r A w)/N with w = 1/n_row: (0,0): -1 * 1/2 / 2; (0,1): clipped -> 0; (1,0): +1 * 1 / 2
+    torch.testing.assert_close(new.grad, torch.tensor([[-0.25, 0.0], [0.5, 0.0]]))
+    assert stats["clip_fraction"] == pytest.approx(1 / 3)
 
 
 # ---------------------------------------------------------------------------------------------------- rewards
@@ -111,11 +126,13 @@ def rl_config(root, **overrides) -> RLConfig:
     return RLConfig(**values)
 
 
-@pytest.mark.parametrize("estimator", ["mean_field", "coupled", "elbo"])
-def test_rl_raises_a_reward_on_a_tiny_model(tiny_run, monkeypatch, estimator):
+@pytest.mark.parametrize("estimator, ratio", [("mean_field", "sequence"), ("coupled", "sequence"),
+                                             ("elbo", "sequence"), ("coupled", "token")])
+def test_rl_raises_a_reward_on_a_tiny_model(tiny_run, monkeypatch, estimator, ratio):
     monkeypatch.syspath_prepend(str(tiny_run))
-    cfg = rl_config(tiny_run, rewards={"rewardmod:count_a": 1.0}, steps=30, lr=3e-3, group_size=8,
-                    inner_updates=2, estimator=estimator, out_dir=str(tiny_run / f"rl-{estimator}"), save_every=30)
+    cfg = rl_config(tiny_run, rewards={"rewardmod:count_a": 1.0}, steps=30, lr=3e-3, group_size=8, ratio=ratio,
+                    inner_updates=2, estimator=estimator, out_dir=str(tiny_run / f"rl-{estimator}-{ratio}"),
+                    save_every=30)
     history = [r for r in train_rl(cfg).history if r["kind"] == "rl"]
     first, last = history[:5], history[-5:]
     mean = lambda rows: sum(r["reward_mean"] for r in rows) / len(rows)  # noqa: E731

@@ -114,5 +114,9 @@ def test_the_elbo_is_below_the_exact_log_likelihood_and_masks_are_shared(model):
             a = estimator.estimate(model, batch, masks, MASK)
             b = estimator.estimate(model, batch, masks, MASK)
         assert torch.equal(a, b) and (a <= 0).all()
+        with torch.no_grad():  # the per-position terms sum to the estimate and vanish outside the completion
+            terms = estimator.token_terms(model, batch, masks, MASK)
+        torch.testing.assert_close(terms.sum(dim=1), a)
+        assert (terms[~batch.completion] == 0).all()
     coupled = CoupledEstimator().draw(batch, torch.Generator().manual_seed(2))
     assert torch.equal(coupled[0] ^ coupled[1], batch.completion)  # each completion token masked exactly once

@@ -20,6 +20,7 @@ class RLConfig:
     out_dir: str = "runs/illada-rl"  # run directory: checkpoints/, metrics.jsonl, rl.png
     rewards: dict[str, float] | None = None  # JSON {name or module:function: weight}; default: the task's correctness
     estimator: str = "coupled"  # sequence log-likelihood estimator: mean_field (d1) | coupled | elbo
+    ratio: str = "sequence"  # policy ratio: sequence (length-normalised, GSPO) | token (per position, d1)
     prompt_mask_prob: float = 0.15  # mean_field: probability of masking each prompt token
     elbo_samples: int = 2  # elbo: Monte Carlo samples per estimate
     steps: int = 200  # RL steps (one rollout batch each)
@@ -89,6 +90,8 @@ class RLConfig:
             raise IlladaError("rl: prompt_mask_prob must be in [0, 1)")
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise IlladaError(f"rl: threshold must be in (0, 1), got {self.threshold}")
+        if self.ratio not in ("sequence", "token"):
+            raise IlladaError(f"rl: ratio must be sequence or token, got {self.ratio!r}")
         if self.cache not in ("none", "prefix", "dual"):
             raise IlladaError(f"rl: cache must be none, prefix or dual, got {self.cache!r}")
         if self.task not in ("gsm8k", "exact"):

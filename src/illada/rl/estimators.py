@@ -63,8 +63,12 @@ class LogLikelihoodEstimator(Protocol):
     def draw(self, batch: ScoredBatch, generator: torch.Generator | None) -> list[torch.Tensor]:
         """The random masks (each (B, L) bool: True = masked), drawn once per rollout batch."""
 
+    def token_terms(self, model, batch: ScoredBatch, masks: list[torch.Tensor], mask_id: int) -> torch.Tensor:
+        """(B, L) per-position terms (0 outside the completion) whose row sums are the estimates of
+        log p(completion | prompt); differentiable in the model's parameters."""
+
     def estimate(self, model, batch: ScoredBatch, masks: list[torch.Tensor], mask_id: int) -> torch.Tensor:
-        """(B,) estimates of log p(completion | prompt), differentiable in the model's parameters."""
+        """(B,) estimates of log p(completion | prompt): the row sums of `token_terms`."""
 
 
 def _token_logprobs(model, batch: ScoredBatch, masks: list[torch.Tensor], mask_id: int) -> list[torch.Tensor]:
@@ -93,9 +97,12 @@ class MeanFieldEstimator:
         prompt_mask = (_uniform(batch.input_ids.shape, generator, batch.input_ids.device) < self.prompt_mask_prob)
         return [batch.completion | (prompt_mask & batch.prompt)]
 
-    def estimate(self, model, batch, masks, mask_id):
+    def token_terms(self, model, batch, masks, mask_id):
         (logp,) = _token_logprobs(model, batch, masks, mask_id)
-        return (logp * batch.completion).sum(dim=1)
+        return logp * batch.completion
+
+    def estimate(self, model, batch, masks, mask_id):
+        return self.token_terms(model, batch, masks, mask_id).sum(dim=1)
 
 
 @dataclass(frozen=True)
@@ -109,10 +116,12 @@ class CoupledEstimator:
         first = (_uniform(batch.input_ids.shape, generator, device) < t) & batch.completion
         return [first, batch.completion & ~first]
 
-    def estimate(self, model, batch, masks, mask_id):
+    def token_terms(self, model, batch, masks, mask_id):
         # each completion token is masked in exactly one of the two halves and scored there
-        return sum((logp * masked).sum(dim=1) for logp, masked in zip(_token_logprobs(model, batch, masks, mask_id),
-                                                                         masks))
+        return sum(logp * masked for logp, masked in zip(_token_logprobs(model, batch, masks, mask_id), masks))
+
+    def estimate(self, model, batch, masks, mask_id):
+        return self.token_terms(model, batch, masks, mask_id).sum(dim=1)
 
 
 @dataclass(frozen=True)
@@ -137,13 +146,16 @@ class ELBOEstimator:
             masks.append((ranks < k.unsqueeze(1)) & batch.completion)
         return masks
 
-    def estimate(self, model, batch, masks, mask_id):
+    def token_terms(self, model, batch, masks, mask_id):
         lengths = batch.completion_lengths.float()
         total = 0.0
         for logp, masked in zip(_token_logprobs(model, batch, masks, mask_id), masks):
             k = masked.sum(dim=1).float().clamp(min=1)
-            total = total + (lengths / k) * (logp * masked).sum(dim=1)
+            total = total + (lengths / k).unsqueeze(1) * logp * masked
         return total / len(masks)
+
+    def estimate(self, model, batch, masks, mask_id):
+        return self.token_terms(model, batch, masks, mask_id).sum(dim=1)
 
 
 ESTIMATORS = {"mean_field": MeanFieldEstimator, "coupled": CoupledEstimator, "elbo": ELBOEstimator}

@@ -6,6 +6,10 @@ diffusion model's estimators score whole completions rather than one token after
 [1 - clip, 1 + clip] as in PPO. The KL penalty to a frozen reference uses the k3 estimator on the same
 length-normalised difference: exp(d) - d - 1 with d = (l_ref - l_new) / n, which is >= 0 and unbiased for KL(new||ref)
 when the rollouts come from the policy.
+
+`token_policy_loss` is the token-level form of d1 / diffu-GRPO: one ratio per completion position from the
+estimator's per-position terms, each clipped, averaged over the completion of each row and then over the rows;
+the KL is the k3 estimator per position, averaged the same way.
 """
 from __future__ import annotations
 
@@ -38,6 +42,30 @@ def policy_loss(new: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, 
     if ref is not None:
         d = (ref.detach() - new) / n
         kl = (d.exp() - d - 1).mean()
+        stats["kl"] = float(kl.detach())
+        if kl_coef:
+            loss = loss + kl_coef * kl
+    return loss, stats
+
+
+def token_policy_loss(new: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, completion: torch.Tensor, *,
+                      clip: float = 0.2, ref: torch.Tensor | None = None, kl_coef: float = 0.0
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate (to minimise) from (N, L) per-position terms of the current policy (`new`, with grad), the
+    rollout policy (`old`) and optionally the reference; `completion` (N, L) marks the positions that count."""
+    weight = completion.float() / completion.float().sum(dim=1, keepdim=True).clamp(min=1)
+    log_ratio = (new - old.detach()) * completion
+    ratio = log_ratio.exp()
+    adv = advantages.unsqueeze(1)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    loss = -(surrogate * weight).sum(dim=1).mean()
+    counted = completion.bool()
+    stats = {"ratio_mean": float(ratio.detach()[counted].mean()) if counted.any() else 1.0,
+             "clip_fraction": float(((ratio.detach() - 1).abs() > clip)[counted].float().mean())
+             if counted.any() else 0.0}
+    if ref is not None:
+        d = (ref.detach() - new) * completion
+        kl = ((d.exp() - d - 1) * weight).sum(dim=1).mean()
         stats["kl"] = float(kl.detach())
         if kl_coef:
             loss = loss + kl_coef * kl

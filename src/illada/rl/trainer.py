@@ -24,7 +24,7 @@ import torch.distributed as dist
 from illada.errors import IlladaError
 from illada.rl.config import RLConfig
 from illada.rl.estimators import ScoredBatch, get_estimator
-from illada.rl.grpo import group_advantages, policy_loss
+from illada.rl.grpo import group_advantages, policy_loss, token_policy_loss
 from illada.rl.rewards import build_rewards
 from illada.training.checkpointing import (clean_staging, latest_checkpoint, load_training_checkpoint,
                                           save_training_checkpoint)
@@ -147,8 +147,8 @@ class RLTrainer:
         mask_id = self.lm.mask_token_id
         masks = self.estimator.draw(batch, torch.Generator().manual_seed(_seed(cfg.seed, step, 37, self.env.rank)))
         with torch.no_grad():
-            old = self.estimator.estimate(self.model, batch, masks, mask_id)
-            ref = self.estimator.estimate(self.reference, batch, masks, mask_id)
+            old = self.estimator.token_terms(self.model, batch, masks, mask_id)
+            ref = self.estimator.token_terms(self.reference, batch, masks, mask_id)
             entropy = self._entropy(batch, mask_id)
         lengths = batch.completion_lengths
         self.model.train()
@@ -156,14 +156,14 @@ class RLTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # the statistics of the policy as it is (KL to the reference measured even when nothing is updated)
-        loss, stats = policy_loss(old, old, advantages, lengths, clip=cfg.clip, ref=ref, kl_coef=cfg.kl_coef)
+        loss, stats = self._loss(old, old, advantages, batch, ref)
         stats["updated"], grad_norm = 0.0, 0.0
         # a batch whose every group has equal rewards carries no signal (and no KL term pulls): no optimizer step,
         # since Adam's momentum would otherwise keep moving the weights on a zero gradient
         informative = self._any(bool(advantages.abs().max() > 0) or cfg.kl_coef > 0)
         for _ in range(cfg.inner_updates if informative else 0):
-            new = self.estimator.estimate(self.wrapped, batch, masks, mask_id)
-            loss, stats = policy_loss(new, old, advantages, lengths, clip=cfg.clip, ref=ref, kl_coef=cfg.kl_coef)
+            new = self.estimator.token_terms(self.wrapped, batch, masks, mask_id)
+            loss, stats = self._loss(new, old, advantages, batch, ref)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
@@ -186,6 +186,16 @@ class RLTrainer:
             if f"reward/{name}" in record:
                 record["accuracy"] = record[f"reward/{name}"]
         return record
+
+    def _loss(self, new: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, batch: ScoredBatch,
+              ref: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The configured surrogate from per-position terms: a sequence ratio from their sums, or one per token."""
+        cfg = self.cfg
+        if cfg.ratio == "token":
+            return token_policy_loss(new, old, advantages, batch.completion, clip=cfg.clip, ref=ref,
+                                     kl_coef=cfg.kl_coef)
+        return policy_loss(new.sum(dim=1), old.sum(dim=1), advantages, batch.completion_lengths, clip=cfg.clip,
+                           ref=ref.sum(dim=1), kl_coef=cfg.kl_coef)
 
     def _any(self, flag: bool) -> bool:
         if not self.env.enabled:
