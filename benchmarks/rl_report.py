@@ -19,7 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "sudoku"
 VARIANTS = [("coupled, no KL", "rl-coupled", "coupled", 0.0), ("coupled, KL 0.05", "rl-coupled-kl", "coupled", 0.05),
-            ("mean-field (d1)", "rl-mean-field", "mean_field", 0.0), ("ELBO, 2 samples", "rl-elbo", "elbo", 0.0)]
+            ("mean-field (d1)", "rl-mean-field", "mean_field", 0.0), ("ELBO, 2 samples", "rl-elbo", "elbo", 0.0),
+            ("coupled, token ratio", "rl-coupled-token", "coupled", 0.0),
+            ("coupled, 4 x 16, lr 5e-5, 120 steps", "rl-coupled-g16", "coupled", 0.0)]
 
 
 def read(path: Path) -> list[dict]:
@@ -88,7 +90,9 @@ def write(out: Path, rows: list[dict], spread: list[dict]) -> None:
              "Held-out: 100 test puzzles, greedy, one token per pass, exact grid (the proof table's protocol). "
              "Rollouts: 8 prompts x 8 at temperature 0.7 with threshold-0.9 decoding per step, 2 inner updates, "
              "lr 1e-4, clip 0.2 (recipes/sudoku-rl.yaml). 1 CPU thread per run, three runs at once on 2 cores "
-             "(with other work running), so seconds per step are comparable with each other only.", "",
+             "(with other work running), so seconds per step are comparable with each other only. The last two rows "
+             "ran later, alone with 2 threads: `--ratio token`, and `--group-size 16 --prompts-per-step 4 --lr 5e-5 "
+             "--steps 120` (commands in recipes/sudoku-rl.sh).", "",
              "| variant | estimator | KL coef | steps | held-out start | best | last | gain (last) | rollout reward "
              "first 10 -> last 10 | reward std | KL to start | s/step |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]

@@ -14,4 +14,8 @@ $ILLADA rl recipes/sudoku-rl.yaml --out-dir $RUN/rl-coupled-kl --kl-coef 0.05 --
 $ILLADA rl recipes/sudoku-rl.yaml --out-dir $RUN/rl-mean-field --estimator mean_field --no-progress &
 wait
 $ILLADA rl recipes/sudoku-rl.yaml --out-dir $RUN/rl-elbo --estimator elbo --no-progress
+# measured afterwards, alone, two threads each
+$ILLADA rl recipes/sudoku-rl.yaml --out-dir $RUN/rl-coupled-token --ratio token --threads 2 --no-progress
+$ILLADA rl recipes/sudoku-rl.yaml --out-dir $RUN/rl-coupled-g16 --lr 5e-5 --group-size 16 --prompts-per-step 4 \
+    --steps 120 --eval-every 40 --save-every 40 --threads 2 --no-progress
 .venv/bin/python benchmarks/rl_report.py --out docs/rl
