@@ -231,3 +231,32 @@ def test_off_a_terminal_rl_logs_one_plain_line_per_step(tiny_run, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
     assert [line.split(" · ")[0] for line in lines] == ["step 1/2", "step 2/2"]
     assert all(" · reward " in line and " · kl " in line for line in lines)
+
+
+def test_sigterm_saves_after_the_step_and_the_rerun_resumes(tiny_run):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tiny_run / "sig"
+    cmd = [sys.executable, "-m", "illada", "rl", "--init-from", str(tiny_run / "init"), "--data",
+           str(tiny_run / "prompts.jsonl"), "--task", "exact", "--out-dir", str(out), "--steps", "100000",
+           "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8", "--block-length", "8",
+           "--sampling-steps", "8", "--save-every", "100000", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"rl"') < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]  # stopped early, said so
+    from illada.training.checkpointing import latest_checkpoint
+
+    checkpoint = latest_checkpoint(out)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"rl"' in line]
+    assert state["step"] >= 2 and logged == list(range(1, state["step"] + 1))
+    resumed = train_rl(rl_config(tiny_run, out_dir=str(out), steps=state["step"] + 1))
+    assert resumed.step == state["step"] + 1
