@@ -18,16 +18,8 @@ from illada.errors import IlladaError
 from illada.sampling.blocks import BlockPlan, append_block, initial_canvas, plan_blocks
 from illada.sampling.cache import CACHE_POLICIES, BlockForward
 from illada.sampling.endthink import end_think_boost
-from illada.sampling.remasking import (
-    REMASKING_RULES,
-    confidence_score,
-    filter_top_k,
-    filter_top_p,
-    sample_candidates,
-    select_top,
-    suppress_tokens,
-)
-from illada.sampling.schedule import factor_count, linear_schedule, threshold_count
+from illada.sampling.remasking import REMASKING_RULES, propose, select_top
+from illada.sampling.schedule import commit_counts, linear_schedule
 
 EOS_CONFIDENCE = ("normal", "neg_inf")
 
@@ -242,33 +234,16 @@ class _Decoder:
         cond, unc = forward(torch.cat([canvas, uncond]), both_mask, start, end, step_in_block).float().chunk(2)
         return unc + (w + 1) * (cond - unc)
 
-    def _process(self, logits: torch.Tensor, canvas: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(candidate logits, confidence logits) after the processors in order: end-think boost, the user's bans
-        (forbid_eos), top-k, top-p. The mask token is never a candidate (committing it would leave the position
-        masked), but as in the official LLaDA sampler it keeps its share of the softmax that the confidence is
-        measured on; the user's bans and filters renormalise, as the official EOS flag does."""
+    def _propose(self, logits: torch.Tensor, canvas: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidates, confidence) after the processors in order: end-think boost, then `propose` (the user's bans
+        (forbid_eos), top-k, top-p; the mask never a candidate; EOS/EOT last under eos_confidence="neg_inf")."""
         cfg = self.cfg
         if cfg.end_think_boost and cfg.end_think_ids:
             logits = end_think_boost(logits, canvas, start, self.mask_id, self.plan.prompt_len, self.budgets,
                                      cfg.end_think_ids, cfg.end_think_boost, cfg.end_think_power)
-        user_bans = self.eos_ids if cfg.forbid_eos else []
-
-        def filtered(banned: list[int]) -> torch.Tensor:
-            return filter_top_p(filter_top_k(suppress_tokens(logits, banned), cfg.top_k), cfg.top_p)
-
-        confidence_logits = filtered(user_bans)
-        return filtered([self.mask_id, *user_bans]), confidence_logits
-
-    def _counts(self, confidence: torch.Tensor, eligible: torch.Tensor, schedule: torch.Tensor | None,
-                step_in_block: int) -> torch.Tensor:
-        if self.cfg.threshold is not None:
-            return threshold_count(confidence, eligible, self.cfg.threshold)
-        if self.cfg.factor is not None:
-            return factor_count(confidence, eligible, self.cfg.factor)
-        assert schedule is not None
-        if step_in_block < schedule.shape[1]:
-            return schedule[:, step_in_block]
-        return eligible.sum(-1)  # unreachable: the schedule sums to the masked count
+        return propose(logits, self.mask_id, bans=self.eos_ids if cfg.forbid_eos else (), top_k=cfg.top_k,
+                       top_p=cfg.top_p, temperature=cfg.temperature, remasking=cfg.remasking,
+                       generator=self.generator, last_ids=self.eos_ids if cfg.eos_confidence == "neg_inf" else ())
 
     # -- stopping -----------------------------------------------------------------------------------------------
     def _find_stops(self, canvas: torch.Tensor, upto: int, stop_len: torch.Tensor, check: torch.Tensor) -> None:
@@ -319,8 +294,6 @@ class _Decoder:
         committed_total = torch.zeros(b, dtype=torch.long, device=device)
         row_nfe = torch.zeros(b, dtype=torch.long, device=device)
         forward = BlockForward(self.model, cfg.cache, cfg.cache_refresh)
-        neg_inf_eos = cfg.eos_confidence == "neg_inf" and bool(self.eos_ids)
-        eos_tensor = torch.tensor(self.eos_ids, device=device, dtype=torch.long)
         step = 0
 
         for block in range(plan.num_blocks):
@@ -339,12 +312,9 @@ class _Decoder:
                     raise RuntimeError("sampler made no progress on a block (bug)")
                 row_nfe += eligible.any(-1).long() * (2 if cfg.cfg_scale else 1)
                 logits = self._block_logits(forward, canvas, attention_mask, start, end, i)
-                logits, confidence_logits = self._process(logits, canvas, start)
-                candidates = sample_candidates(logits, cfg.temperature, self.generator)
-                confidence = confidence_score(confidence_logits, candidates, cfg.remasking, self.generator)
-                if neg_inf_eos:
-                    confidence = confidence.masked_fill(torch.isin(candidates, eos_tensor), float("-inf"))
-                counts = self._counts(confidence, eligible, schedule, i)
+                candidates, confidence = self._propose(logits, canvas, start)
+                counts = commit_counts(confidence, eligible, threshold=cfg.threshold, factor=cfg.factor,
+                                       schedule=schedule, step=i)
                 commit = select_top(confidence, eligible, counts)
 
                 canvas[:, start:end] = torch.where(commit, candidates, canvas[:, start:end])

@@ -30,15 +30,8 @@ from torch import nn
 
 from illada.errors import IlladaError
 from illada.sampling.generate import StepEvent, _model_config_value
-from illada.sampling.remasking import (
-    confidence_score,
-    filter_top_k,
-    filter_top_p,
-    sample_candidates,
-    select_top,
-    suppress_tokens,
-)
-from illada.sampling.schedule import factor_count, linear_schedule, threshold_count
+from illada.sampling.remasking import propose, select_top
+from illada.sampling.schedule import commit_counts, linear_schedule
 
 Span = tuple[int, int]
 
@@ -198,7 +191,6 @@ def infill_stream(model: nn.Module, canvas: torch.Tensor, *, spans: Sequence[Seq
         schedule = linear_schedule(counts_per_row, steps)
     step_of = torch.full_like(x, -1)
     row_nfe = torch.zeros(b, dtype=torch.long, device=device)
-    eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
     nfe, step, filled = 0, 0, int(masked.sum())
     limit = int(counts_per_row.max()) if b else 0
     user_bans = eos_ids if cfg.forbid_eos else []
@@ -217,20 +209,11 @@ def infill_stream(model: nn.Module, canvas: torch.Tensor, *, spans: Sequence[Seq
             logits = model(x, attention_mask=attention_mask).float()
             nfe += 1
 
-        def filtered(banned: list[int]) -> torch.Tensor:
-            return filter_top_p(filter_top_k(suppress_tokens(logits, banned), cfg.top_k), cfg.top_p)
-
-        confidence_logits = filtered(user_bans)
-        candidates = sample_candidates(filtered([mask_id, *user_bans]), cfg.temperature, generator)
-        confidence = confidence_score(confidence_logits, candidates, cfg.remasking, generator)
-        if cfg.eos_confidence == "neg_inf" and eos_ids:
-            confidence = confidence.masked_fill(torch.isin(candidates, eos_tensor), float("-inf"))
-        if cfg.threshold is not None:
-            counts = threshold_count(confidence, masked, cfg.threshold)
-        elif cfg.factor is not None:
-            counts = factor_count(confidence, masked, cfg.factor)
-        else:
-            counts = schedule[:, step] if step < schedule.shape[1] else masked.sum(-1)
+        candidates, confidence = propose(logits, mask_id, bans=user_bans, top_k=cfg.top_k, top_p=cfg.top_p,
+                                         temperature=cfg.temperature, remasking=cfg.remasking, generator=generator,
+                                         last_ids=eos_ids if cfg.eos_confidence == "neg_inf" else ())
+        counts = commit_counts(confidence, masked, threshold=cfg.threshold, factor=cfg.factor,
+                               schedule=schedule if scheduled else None, step=step)
         commit = select_top(confidence, masked, counts) & masked
         x = torch.where(commit, candidates, x)
         step_of.masked_fill_(commit, step)

@@ -95,3 +95,26 @@ def select_top(confidence: torch.Tensor, eligible: torch.Tensor, counts: torch.T
     top = key.argsort(dim=-1, descending=True, stable=True)[:, :k_max]
     take = torch.arange(k_max, device=counts.device)[None, :] < counts[:, None]
     return torch.zeros_like(eligible).scatter(-1, top, take)
+
+
+def propose(logits: torch.Tensor, mask_id: int, *, bans: Iterable[int] = (), top_k: int | None = None,
+            top_p: float | None = None, temperature: float = 0.0, remasking: str = "low_confidence",
+            generator: torch.Generator | None = None, last_ids: Iterable[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidates, confidence) of one sampler step, shared by generation and infilling.
+
+    The mask token is never a candidate (committing it would leave the position masked), but as in the official
+    LLaDA sampler it keeps its share of the softmax the confidence is measured on; the user's `bans` and the top-k /
+    top-p filters renormalise, as the official EOS flag does. Candidates in `last_ids` get confidence -inf (they are
+    committed last)."""
+    bans = list(bans)
+
+    def filtered(banned: list[int]) -> torch.Tensor:
+        return filter_top_p(filter_top_k(suppress_tokens(logits, banned), top_k), top_p)
+
+    candidates = sample_candidates(filtered([mask_id, *bans]), temperature, generator)
+    confidence = confidence_score(filtered(bans), candidates, remasking, generator)
+    last = list(last_ids)
+    if last:
+        last_tensor = torch.tensor(last, dtype=candidates.dtype, device=candidates.device)
+        confidence = confidence.masked_fill(torch.isin(candidates, last_tensor), float("-inf"))
+    return candidates, confidence

@@ -44,3 +44,15 @@ def factor_count(confidence: torch.Tensor, eligible: torch.Tensor, factor: float
     ok = (n + 1) * (1 - c) < factor  # -inf confidences give +inf, never ok
     count = ok.long().cumprod(dim=-1).sum(-1)
     return torch.minimum(count.clamp(min=1), eligible.sum(-1))
+
+
+def commit_counts(confidence: torch.Tensor, eligible: torch.Tensor, *, threshold: float | None,
+                  factor: float | None, schedule: torch.Tensor | None, step: int) -> torch.Tensor:
+    """(B,) positions to commit this step: by the threshold or factor rule, else column `step` of the linear
+    schedule (all that is left once the schedule is spent)."""
+    if threshold is not None:
+        return threshold_count(confidence, eligible, threshold)
+    if factor is not None:
+        return factor_count(confidence, eligible, factor)
+    assert schedule is not None
+    return schedule[:, step] if step < schedule.shape[1] else eligible.sum(-1)
