@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from illada.training.checkpointing import (clean_staging, latest_checkpoint, loa
                                           save_training_checkpoint)
 from illada.training.metrics import MetricsLog
 from illada.training.parallelize import apply_ddp, init_distributed
+from illada.training.stopping import StopRequest, any_rank
 
 
 @dataclass
@@ -90,7 +90,7 @@ class RLTrainer:
         self.eval_samples = load_samples(cfg.eval_data, cfg.task)[: cfg.eval_limit] if cfg.eval_data else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.99))
-        self._stop = False
+        self.stop_request = StopRequest(self.env, device)
 
     # ----------------------------------------------------------------------------------------------- pieces
     def prompts_for(self, step: int) -> list[int]:
@@ -160,7 +160,8 @@ class RLTrainer:
         stats["updated"], grad_norm = 0.0, 0.0
         # a batch whose every group has equal rewards carries no signal (and no KL term pulls): no optimizer step,
         # since Adam's momentum would otherwise keep moving the weights on a zero gradient
-        informative = self._any(bool(advantages.abs().max() > 0) or cfg.kl_coef > 0)
+        informative = any_rank(bool(advantages.abs().max() > 0) or cfg.kl_coef > 0, self.env,
+                               self.lm.device)
         for _ in range(cfg.inner_updates if informative else 0):
             new = self.estimator.token_terms(self.wrapped, batch, masks, mask_id)
             loss, stats = self._loss(new, old, advantages, batch, ref)
@@ -196,13 +197,6 @@ class RLTrainer:
                                      kl_coef=cfg.kl_coef)
         return policy_loss(new.sum(dim=1), old.sum(dim=1), advantages, batch.completion_lengths, clip=cfg.clip,
                            ref=ref.sum(dim=1), kl_coef=cfg.kl_coef)
-
-    def _any(self, flag: bool) -> bool:
-        if not self.env.enabled:
-            return flag
-        value = torch.tensor(float(flag))
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
 
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
         if not self.env.enabled:
@@ -260,65 +254,40 @@ class RLTrainer:
         if start == 0 and self.eval_samples and main:
             log.write({"kind": "eval", "step": 0, "accuracy": self.evaluate()})
         self._barrier()
-        previous = self._install_signals()
         last, record, stopped = resume, None, False
         progress = _Progress(cfg.progress and main, cfg.steps, start) if main else None
-        try:
-            for step in range(start, end):
-                record = self.step(step)
-                done = step + 1
-                stop = self._stop_agreed()
-                if main:
-                    if self.eval_samples and (done % cfg.eval_every == 0 or done == cfg.steps):
-                        accuracy = self.evaluate()
-                        log.write({"kind": "eval", "step": done, "accuracy": accuracy})
-                        record["eval_accuracy"] = accuracy
-                    if done % cfg.log_every == 0 or done == end:
-                        log.write(record)
-                        progress.update(record)
-                    if done % cfg.save_every == 0 or done == end or stop:
-                        last = self.save(done, record)
-                        plot_rl(log.records(), self.out_dir / "rl.png")
-                self._barrier()
-                if stop:
-                    stopped = True
-                    break
-        finally:
-            if progress is not None:
-                progress.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            if self.env.enabled and dist.is_initialized():
-                dist.destroy_process_group()
+        with self.stop_request.installed():
+            try:
+                for step in range(start, end):
+                    record = self.step(step)
+                    done = step + 1
+                    stop = self.stop_request.agreed()
+                    if main:
+                        if self.eval_samples and (done % cfg.eval_every == 0 or done == cfg.steps):
+                            accuracy = self.evaluate()
+                            log.write({"kind": "eval", "step": done, "accuracy": accuracy})
+                            record["eval_accuracy"] = accuracy
+                        if done % cfg.log_every == 0 or done == end:
+                            log.write(record)
+                            progress.update(record)
+                        if done % cfg.save_every == 0 or done == end or stop:
+                            last = self.save(done, record)
+                            plot_rl(log.records(), self.out_dir / "rl.png")
+                    self._barrier()
+                    if stop:
+                        stopped = True
+                        break
+            finally:
+                if progress is not None:
+                    progress.close()
+                if self.env.enabled and dist.is_initialized():
+                    dist.destroy_process_group()
         history = log.records() if log else []
         return RLResult(self.out_dir, (record or {}).get("step", start), last, history, stopped)
 
     def _barrier(self) -> None:
         if self.env.enabled:
             dist.barrier()
-
-    def _stop_agreed(self) -> bool:
-        if not self.env.enabled:
-            return self._stop
-        flag = torch.tensor(float(self._stop))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def _install_signals(self) -> dict:
-        def request_stop(signum, frame):
-            if self._stop:
-                raise KeyboardInterrupt
-            self._stop = True
-            if self.env.is_main:
-                print("\nillada: stop requested; saving a checkpoint after this step", file=sys.stderr)
-
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for s in previous:
-                signal.signal(s, request_stop)
-        except ValueError:  # not the main thread
-            return {}
-        return previous
 
 
 def _summary(record: dict) -> str:

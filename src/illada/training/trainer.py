@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from illada.training.config import TrainConfig
 from illada.training.lr_schedule import build_schedule, set_lr
 from illada.training.metrics import MetricsLog, default_peak_flops, flops_per_token, plot_losses
 from illada.training.parallelize import DistEnv, init_distributed, parallelize
+from illada.training.stopping import StopRequest
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Trainer:
         if self.env.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.env.local_rank)
         self.out_dir = Path(cfg.out_dir)
-        self._stop_requested = False
+        self.stop_request = StopRequest(self.env, self.device)
         self._setup_data()
         self._setup_model()
 
@@ -347,29 +347,6 @@ class Trainer:
         return float(np.mean(losses)) if losses else float("nan")
 
     # -------------------------------------------------------------------------------------------------- loop
-    def _install_signal_handlers(self):
-        def request_stop(signum, frame):
-            if self._stop_requested:  # a second Ctrl-C: give up on the graceful path
-                raise KeyboardInterrupt
-            self._stop_requested = True
-            if self.env.is_main:
-                print("\nillada: stop requested; saving a checkpoint after this step", file=sys.stderr)
-
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for s in previous:
-                signal.signal(s, request_stop)
-        except ValueError:  # not the main thread (e.g. called from a server): no handlers
-            return {}
-        return previous
-
-    def _stop_agreed(self) -> bool:
-        if not self.env.enabled:
-            return self._stop_requested
-        flag = torch.tensor(float(self._stop_requested), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def run(self, max_steps: int | None = None) -> TrainResult:
         """Train from the latest checkpoint in out_dir (or from scratch) up to cfg.steps (or `max_steps` in this call)."""
         cfg = self.cfg
@@ -398,68 +375,66 @@ class Trainer:
         end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
         losses: list[float] = []
         val_loss, last_ckpt, stopped = None, resume, False
-        previous_handlers = self._install_signal_handlers()
         progress = _Progress(enabled=cfg.progress and self.env.is_main, total=cfg.steps, start=start,
                              main=self.env.is_main)
         self.model.train()
-        try:
-            t_last, tokens_last = time.perf_counter(), tokens
-            for step in range(start, end):
-                lr = self._set_lr(step)
-                loss, stats, step_tokens = self.train_step(step)
-                if config_pending:
-                    self.out_dir.mkdir(parents=True, exist_ok=True)
-                    write_atomic(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
-                    config_pending = False
-                tokens += step_tokens
-                losses.append(loss if stats["finite"] else float("nan"))
-                bad_steps = 0 if stats["finite"] else bad_steps + 1
-                done = step + 1
-                if bad_steps:
-                    if self.env.is_main:
-                        print(f"illada: step {done}: non-finite loss/gradients, update skipped "
-                              f"({bad_steps} in a row)", file=sys.stderr)
-                    if bad_steps >= cfg.max_bad_steps:
-                        raise IlladaError(f"training stopped: {bad_steps} consecutive non-finite steps at step {done}; "
-                                          f"last good checkpoint: {last_ckpt or 'none'} (lower the lr or check the data)")
-                if done % cfg.log_every == 0 or done == end:
-                    now = time.perf_counter()
-                    tps = (tokens - tokens_last) / max(now - t_last, 1e-9)
-                    mfu = tps * self.flops_per_token / self.peak_flops
-                    t_last, tokens_last = now, tokens
-                    if log:
-                        log.write({"kind": "train", "step": done, "loss": loss, "lr": lr, "tokens": tokens,
-                                   "tokens_per_s": tps, "mfu": mfu, "elapsed_s": round(self._elapsed(), 3), **{k: v for k, v in stats.items() if k != "finite"}})
-                    progress.update(done, loss=loss, tps=tps, mfu=mfu)
-                else:
-                    progress.update(done)
-                if done % cfg.eval_every == 0 or done == cfg.steps:
-                    val_loss = self.validate()
-                    if log:
-                        log.write({"kind": "val", "step": done, "val_loss": val_loss,
-                                   "ppl_bound": math.exp(min(val_loss, 50.0))})
-                        plot_losses(log.records(), self.out_dir / "loss.png", title=f"{cfg.objective} · {self.model_config.name}")
-                stop = self._stop_agreed()
-                if done % cfg.save_every == 0 or done == end or stop:
-                    try:
-                        last_ckpt = self.save(done, tokens, bad_steps) or last_ckpt
-                    except (OSError, IlladaError, RuntimeError) as error:
-                        # disk full, quota, permissions (as OSError, as the weights writer's IlladaError, or as
-                        # torch.save's RuntimeError): the previous checkpoint is untouched
-                        if isinstance(error, RuntimeError) and "writ" not in str(error):
-                            raise
-                        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-                        raise IlladaError(f"could not save the checkpoint of step {done} "
-                                          f"({reason}); the last checkpoint, "
-                                          f"{last_ckpt or 'none'}, is intact: free space and rerun to resume "
-                                          f"from it") from None
-                if stop:
-                    stopped = True
-                    break
-        finally:
-            progress.close()
-            for s, handler in previous_handlers.items():
-                signal.signal(s, handler)
+        with self.stop_request.installed():
+            try:
+                t_last, tokens_last = time.perf_counter(), tokens
+                for step in range(start, end):
+                    lr = self._set_lr(step)
+                    loss, stats, step_tokens = self.train_step(step)
+                    if config_pending:
+                        self.out_dir.mkdir(parents=True, exist_ok=True)
+                        write_atomic(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+                        config_pending = False
+                    tokens += step_tokens
+                    losses.append(loss if stats["finite"] else float("nan"))
+                    bad_steps = 0 if stats["finite"] else bad_steps + 1
+                    done = step + 1
+                    if bad_steps:
+                        if self.env.is_main:
+                            print(f"illada: step {done}: non-finite loss/gradients, update skipped "
+                                  f"({bad_steps} in a row)", file=sys.stderr)
+                        if bad_steps >= cfg.max_bad_steps:
+                            raise IlladaError(f"training stopped: {bad_steps} consecutive non-finite steps at step {done}; "
+                                              f"last good checkpoint: {last_ckpt or 'none'} (lower the lr or check the data)")
+                    if done % cfg.log_every == 0 or done == end:
+                        now = time.perf_counter()
+                        tps = (tokens - tokens_last) / max(now - t_last, 1e-9)
+                        mfu = tps * self.flops_per_token / self.peak_flops
+                        t_last, tokens_last = now, tokens
+                        if log:
+                            log.write({"kind": "train", "step": done, "loss": loss, "lr": lr, "tokens": tokens,
+                                       "tokens_per_s": tps, "mfu": mfu, "elapsed_s": round(self._elapsed(), 3), **{k: v for k, v in stats.items() if k != "finite"}})
+                        progress.update(done, loss=loss, tps=tps, mfu=mfu)
+                    else:
+                        progress.update(done)
+                    if done % cfg.eval_every == 0 or done == cfg.steps:
+                        val_loss = self.validate()
+                        if log:
+                            log.write({"kind": "val", "step": done, "val_loss": val_loss,
+                                       "ppl_bound": math.exp(min(val_loss, 50.0))})
+                            plot_losses(log.records(), self.out_dir / "loss.png", title=f"{cfg.objective} · {self.model_config.name}")
+                    stop = self.stop_request.agreed()
+                    if done % cfg.save_every == 0 or done == end or stop:
+                        try:
+                            last_ckpt = self.save(done, tokens, bad_steps) or last_ckpt
+                        except (OSError, IlladaError, RuntimeError) as error:
+                            # disk full, quota, permissions (as OSError, as the weights writer's IlladaError, or as
+                            # torch.save's RuntimeError): the previous checkpoint is untouched
+                            if isinstance(error, RuntimeError) and "writ" not in str(error):
+                                raise
+                            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+                            raise IlladaError(f"could not save the checkpoint of step {done} "
+                                              f"({reason}); the last checkpoint, "
+                                              f"{last_ckpt or 'none'}, is intact: free space and rerun to resume "
+                                              f"from it") from None
+                    if stop:
+                        stopped = True
+                        break
+            finally:
+                progress.close()
         if log:
             plot_losses(log.records(), self.out_dir / "loss.png", title=f"{cfg.objective} · {self.model_config.name}")
         return TrainResult(self.out_dir, start + len(losses), losses, val_loss, last_ckpt, stopped)
