@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 import sys
 
+from illada.commands.config_flags import field_comments
 from illada.errors import IlladaError
 from illada.files import check_output_dir, loads_strict
 from illada.training.config import TrainConfig, load_config_file
@@ -29,15 +28,9 @@ def _flag_type(annotation: str):
     return str
 
 
-def _field_comments() -> dict[str, str]:
-    """The `# ...` comment after each TrainConfig field: the dataclass source is the one place they are written."""
-    source = inspect.getsource(TrainConfig)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^    (\w+): [^#\n]*#(.*)$", source, re.M)}
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("config", nargs="?", help="YAML or JSON file with TrainConfig keys (flags override it)")
-    comments = _field_comments()
+    comments = field_comments(TrainConfig)  # the dataclass source is the one place the help is written
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         annotation = str(f.type)
