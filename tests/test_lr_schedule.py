@@ -34,19 +34,7 @@ def test_constant():
     assert [Constant(1e-3)(s) for s in (0, 1, 10**6)] == [1e-3] * 3
 
 
-def test_wsd_llada_shape_with_step_down():
-    # LLaDA: warmup 2000 to 4e-4, constant, cut to 1e-4, final linear decay to 1e-5.
-    s = WarmupStableDecay(4e-4, total_steps=10_000, warmup_steps=2000, min_lr=1e-5, decay_fraction=0.1,
-                          step_down_step=6000, step_down_lr=1e-4)
-    assert s.decay_start == 9000
-    assert s(2000) == pytest.approx(4e-4) and s(5999) == pytest.approx(4e-4)
-    assert s(6000) == pytest.approx(1e-4) and s(8999) == pytest.approx(1e-4)
-    assert s(9000) == pytest.approx(1e-4)
-    assert s(9333) == pytest.approx(1e-4 + (1e-5 - 1e-4) * 333 / 999)  # the decay ends at the last step, 9999
-    assert s(9999) == pytest.approx(1e-5) and s(20_000) == pytest.approx(1e-5)
-
-
-def test_wsd_without_step_down_decays_from_peak():
+def test_wsd_decays_from_peak():
     s = WarmupStableDecay(PEAK, total_steps=200, warmup_steps=20, min_lr=MIN, decay_fraction=0.25)
     assert s.decay_start == 150
     assert s(149) == pytest.approx(PEAK) and s(150) == pytest.approx(PEAK)
@@ -83,7 +71,7 @@ def test_build_schedule_by_name_and_round_trip():
     assert build_schedule("constant", **common) == Constant(PEAK, warmup_steps=10)
     cos = build_schedule("cosine", switch_step=80, **common)
     assert cos == WarmupConstantCosine(PEAK, total_steps=100, switch_step=80, warmup_steps=10, min_lr=MIN)
-    wsd = build_schedule("wsd", decay_fraction=0.2, step_down_step=50, step_down_lr=1e-4, **common)
+    wsd = build_schedule("wsd", decay_fraction=0.2, **common)
     tail = build_schedule("linear-tail", decay_fraction=0.1, **common)
     for schedule in (cos, wsd, tail):
         assert build_schedule(schedule.name, **dataclasses.asdict(schedule)) == schedule
@@ -100,9 +88,6 @@ def test_build_schedule_by_name_and_round_trip():
     ("wsd", dict(peak_lr=1e-3, total_steps=0), "total_steps"),
     ("wsd", dict(peak_lr=1e-3, total_steps=100, warmup_steps=95, decay_fraction=0.1), "exceed"),
     ("wsd", dict(peak_lr=1e-3, total_steps=100, decay_fraction=1.5), "decay_fraction"),
-    ("wsd", dict(peak_lr=1e-3, total_steps=100, step_down_step=50), "go together"),
-    ("wsd", dict(peak_lr=1e-3, total_steps=100, step_down_step=95, step_down_lr=1e-4), "step_down_step"),
-    ("wsd", dict(peak_lr=1e-3, total_steps=100, step_down_step=50, step_down_lr=1e-2), "step_down_lr"),
     ("linear-tail", dict(peak_lr=1e-3, total_steps=100, warmup_steps=-1), "warmup_steps"),
     ("constant", dict(peak_lr=0.0), "peak_lr"),
 ])

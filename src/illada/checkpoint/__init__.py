@@ -5,8 +5,6 @@ from illada.checkpoint.adapter import (
     config_from_hf,
     config_to_hf,
     detect_layout,
-    llada_config,
-    to_llada_state_dict,
 )
 from illada.checkpoint.io import (
     ConversionReport,
@@ -18,7 +16,6 @@ from illada.checkpoint.io import (
 )
 
 __all__ = [
-    "ADAPTERS", "StateDictAdapter", "config_from_hf", "config_to_hf", "detect_layout", "llada_config",
-    "to_llada_state_dict", "ConversionReport", "convert_checkpoint", "inspect_checkpoint", "load_checkpoint",
-    "load_config", "save_checkpoint",
+    "ADAPTERS", "StateDictAdapter", "config_from_hf", "config_to_hf", "detect_layout", "ConversionReport",
+    "convert_checkpoint", "inspect_checkpoint", "load_checkpoint", "load_config", "save_checkpoint",
 ]

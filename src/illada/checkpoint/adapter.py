@@ -59,25 +59,6 @@ class StateDictAdapter:
         """Entries that are safe to skip (buffers that we recompute)."""
         return bool(_IGNORED.search(name))
 
-    def from_hf(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Rename a whole on-disk state dict to ours; unknown names raise IlladaError."""
-        out: dict[str, torch.Tensor] = {}
-        unknown = []
-        for key, tensor in state_dict.items():
-            name = self.from_hf_name(key)
-            if name is None:
-                if not self.is_ignored(key):
-                    unknown.append(key)
-                continue
-            out[name] = tensor
-        if unknown:
-            raise IlladaError(f"tensors not in the {self.layout} layout: {name_list(unknown)}")
-        return out
-
-    def to_hf(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Rename a state dict with our names to this layout."""
-        return {self.to_hf_name(name): tensor for name, tensor in state_dict.items()}
-
 
 class IlladaAdapter(StateDictAdapter):
     layout = "illada"
@@ -128,11 +109,6 @@ def detect_layout(names: Iterable[str]) -> str:
         return "illada"
     raise IlladaError(f"unrecognised checkpoint layout: tensor names {name_list(sorted(names))} are neither "
                       "iLLaDA (model.layers.*) nor LLaDA (model.transformer.blocks.*)")
-
-
-def to_llada_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our names -> LLaDA (OLMo-style) names."""
-    return ADAPTERS["llada"].to_hf(state_dict)
 
 
 def name_list(names: list[str], limit: int = 5) -> str:
@@ -361,40 +337,6 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
     }
-    if dtype is not None:
-        data["torch_dtype"] = dtype_name(dtype)
-    return data
-
-
-def llada_config(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
-    """config.json contents in the OLMo/LLaDA naming (what LLaDA's own code reads)."""
-    data = {
-        "architectures": ["LLaDAModelLM"],
-        "model_type": "llada",
-        "d_model": config.hidden_size,
-        "n_heads": config.n_heads,
-        "n_kv_heads": config.n_kv_heads,
-        "n_layers": config.n_layers,
-        "mlp_hidden_size": config.intermediate_size,
-        "vocab_size": config.vocab_size,
-        "embedding_size": config.vocab_size,
-        "max_sequence_length": config.max_seq_len,
-        "rope_theta": config.rope_theta,
-        "rms_norm_eps": config.rms_norm_eps,
-        "weight_tying": config.tie_word_embeddings,
-        "block_type": "llama",
-        "activation_type": "silu",
-        "layer_norm_type": "rms",
-        "rope": True,
-        "alibi": False,
-        "include_bias": False,
-        "init_std": config.initializer_range,
-        "mask_token_id": config.mask_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-    }
-    if config.bos_token_id is not None:
-        data["bos_token_id"] = config.bos_token_id
     if dtype is not None:
         data["torch_dtype"] = dtype_name(dtype)
     return data

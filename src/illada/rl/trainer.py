@@ -27,7 +27,7 @@ from illada.rl.grpo import group_advantages, policy_loss, token_policy_loss
 from illada.rl.rewards import build_rewards
 from illada.training.checkpointing import (clean_staging, latest_checkpoint, load_training_checkpoint,
                                           save_training_checkpoint)
-from illada.training.metrics import MetricsLog
+from illada.training.metrics import MetricsLog, Progress
 from illada.training.parallelize import apply_ddp, init_distributed
 from illada.training.stopping import StopRequest, any_rank
 
@@ -255,7 +255,7 @@ class RLTrainer:
             log.write({"kind": "eval", "step": 0, "accuracy": self.evaluate()})
         self._barrier()
         last, record, stopped = resume, None, False
-        progress = _Progress(cfg.progress and main, cfg.steps, start) if main else None
+        progress = Progress("rl", cfg.steps, start, enabled=cfg.progress and main) if main else None
         with self.stop_request.installed():
             try:
                 for step in range(start, end):
@@ -269,7 +269,7 @@ class RLTrainer:
                             record["eval_accuracy"] = accuracy
                         if done % cfg.log_every == 0 or done == end:
                             log.write(record)
-                            progress.update(record)
+                            progress.update(done, _summary(record))
                         if done % cfg.save_every == 0 or done == end or stop:
                             last = self.save(done, record)
                             plot_rl(log.records(), self.out_dir / "rl.png")
@@ -297,31 +297,6 @@ def _summary(record: dict) -> str:
     if record.get("eval_accuracy") is not None:
         parts.append(f"held-out {record['eval_accuracy']:.3f}")
     return " · ".join(parts + [f"kl {record.get('kl', 0):.4f}", f"{record['step_s']:.1f} s"])
-
-
-class _Progress:
-    """A rich bar with the latest step's summary on a terminal (when enabled); elsewhere (nohup, Slurm,
-    --no-progress) one plain line per logged step on stderr."""
-
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
-        self.total, self.bar = total, None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]rl"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"))
-            self.task = self.bar.add_task("rl", total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, record: dict) -> None:
-        if self.bar is None:
-            print(f"step {record['step']}/{self.total} · {_summary(record)}", file=sys.stderr, flush=True)
-        else:
-            self.bar.update(self.task, completed=record["step"], info=_summary(record))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def plot_rl(records: list[dict], path: Path) -> None:

@@ -9,6 +9,7 @@
     out_dir/checkpoints/latest   name of the newest complete checkpoint
 
 Full (unsharded) state dicts make checkpoints independent of the world size and of DDP/FSDP.
+`Checkpointer` is the training loop's checkpoint component: when to save and what a failed save says.
 Nothing here deletes what it did not write: staging directories (`.step-N.*`, left by a kill during a save) are
 removed on the next start; pruning removes only complete checkpoints older than the one just saved.
 """
@@ -20,6 +21,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -201,3 +203,34 @@ def newest_intact(out_dir: str | Path, below: int | None = None) -> Path | None:
             continue
         return path
     return None
+
+
+class Checkpointer:
+    """When a training loop saves, and what a failed save says (torchtitan's CheckpointManager; the state to save
+    is the trainer's): after every `save_every` steps, at `end` (the last step of this call) and when a stop was
+    agreed. `save(step, *state)` writes the checkpoint (through `save_training_checkpoint`: atomic, pruned) and
+    returns its path, or None on ranks that do not write. `last` is the run's newest checkpoint: the resumed one,
+    then each one saved."""
+
+    def __init__(self, save: Callable[..., Path | None], save_every: int, end: int, last: Path | None = None) -> None:
+        self._save, self.save_every, self.end, self.last = save, save_every, end, last
+
+    def should_save(self, step: int, stop: bool = False) -> bool:
+        return step % self.save_every == 0 or step == self.end or stop
+
+    def maybe_save(self, step: int, *state, stop: bool = False) -> bool:
+        """Save after step `step` (1-based) when it is due; whether it was. A write that fails for lack of space,
+        quota or permission is one IlladaError naming the intact previous checkpoint."""
+        if not self.should_save(step, stop):
+            return False
+        try:
+            self.last = self._save(step, *state) or self.last
+        except (OSError, IlladaError, RuntimeError) as error:
+            # disk full, quota, permissions (as OSError, as the weights writer's IlladaError, or as torch.save's
+            # RuntimeError): the previous checkpoint is untouched
+            if isinstance(error, RuntimeError) and "writ" not in str(error):
+                raise
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            raise IlladaError(f"could not save the checkpoint of step {step} ({reason}); the last checkpoint, "
+                              f"{self.last or 'none'}, is intact: free space and rerun to resume from it") from None
+        return True

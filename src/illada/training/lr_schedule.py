@@ -11,8 +11,8 @@ Shared conventions:
   so even a one-step decay is felt by the run.
 
 Schedules (reference §3-4):
-- `WarmupStableDecay` ("wsd", LLaDA pre-training): warmup, constant, an optional step down to a lower constant,
-  then a linear decay to `min_lr` over the last `decay_fraction` of the steps.
+- `WarmupStableDecay` ("wsd", LLaDA pre-training): warmup, constant, then a linear decay to `min_lr` over the
+  last `decay_fraction` of the steps.
 - `WarmupConstantCosine` ("cosine", iLLaDA pre-training): warmup, constant until `switch_step`, then a cosine
   decay to `min_lr` at `total_steps`.
 - `LinearDecayTail` ("linear-tail", SFT of both): warmup, constant, linear decay to `min_lr` over the last
@@ -92,48 +92,35 @@ class Constant:
 
 
 @dataclass(frozen=True)
-class WarmupStableDecay:
-    """LLaDA: warmup to `peak_lr`, constant, optionally `step_down_lr` from `step_down_step` on, then a linear
-    decay to `min_lr` over the last `decay_fraction` of `total_steps`."""
+class _LinearTail:
+    """Warmup to `peak_lr`, constant, then linear to `min_lr` over the last `decay_fraction` of `total_steps`."""
 
-    name: ClassVar[str] = "wsd"
     peak_lr: float
     total_steps: int
     warmup_steps: int = 0
     min_lr: float = 0.0
     decay_fraction: float = 0.1
-    step_down_step: int | None = None
-    step_down_lr: float | None = None
 
     def __post_init__(self) -> None:
         _check_common(self.peak_lr, self.min_lr, self.warmup_steps, self.total_steps)
         _check_tail(self.warmup_steps, self.decay_fraction, self.total_steps)
-        _check((self.step_down_step is None) == (self.step_down_lr is None),
-               "step_down_step and step_down_lr go together")
-        if self.step_down_step is not None:
-            in_range = isinstance(self.step_down_step, int) and self.warmup_steps <= self.step_down_step <= self.decay_start
-            _check(in_range,
-                   f"step_down_step must be in [warmup_steps={self.warmup_steps}, decay start={self.decay_start}], "
-                   f"got {self.step_down_step!r}")
-            _check(isinstance(self.step_down_lr, (int, float)) and self.min_lr <= self.step_down_lr <= self.peak_lr,
-                   f"step_down_lr must be in [min_lr, peak_lr], got {self.step_down_lr!r}")
 
     @property
     def decay_start(self) -> int:
         return _decay_start(self.decay_fraction, self.total_steps)
 
-    def _stable(self, step: int) -> float:
-        if self.step_down_step is not None and step >= self.step_down_step:
-            return float(self.step_down_lr)
-        return self.peak_lr
-
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return _warmup(step, self.warmup_steps, self.peak_lr)
-        if step < self.decay_start:
-            return self._stable(step)
-        level = self._stable(self.decay_start)
-        return level + (self.min_lr - level) * _progress(step, self.decay_start, self.total_steps - 1)
+        return self.peak_lr + (self.min_lr - self.peak_lr) * _progress(step, self.decay_start, self.total_steps - 1)
+
+
+@dataclass(frozen=True)
+class WarmupStableDecay(_LinearTail):
+    """LLaDA pre-training: warmup to `peak_lr`, constant, then a linear decay to `min_lr` over the last
+    `decay_fraction` of `total_steps`."""
+
+    name: ClassVar[str] = "wsd"
 
 
 @dataclass(frozen=True)
@@ -161,28 +148,11 @@ class WarmupConstantCosine:
 
 
 @dataclass(frozen=True)
-class LinearDecayTail:
-    """SFT: warmup to `peak_lr`, constant, then linear to `min_lr` over the last `decay_fraction` of the steps."""
+class LinearDecayTail(_LinearTail):
+    """SFT: warmup to `peak_lr`, constant, then linear to `min_lr` over the last `decay_fraction` of the steps
+    (the shape of "wsd", under the name the SFT recipes use)."""
 
     name: ClassVar[str] = "linear-tail"
-    peak_lr: float
-    total_steps: int
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    decay_fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        _check_common(self.peak_lr, self.min_lr, self.warmup_steps, self.total_steps)
-        _check_tail(self.warmup_steps, self.decay_fraction, self.total_steps)
-
-    @property
-    def decay_start(self) -> int:
-        return _decay_start(self.decay_fraction, self.total_steps)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return _warmup(step, self.warmup_steps, self.peak_lr)
-        return self.peak_lr + (self.min_lr - self.peak_lr) * _progress(step, self.decay_start, self.total_steps - 1)
 
 
 Schedule = Constant | WarmupStableDecay | WarmupConstantCosine | LinearDecayTail

@@ -1,9 +1,13 @@
-"""Training metrics: append-only JSONL, a PNG of the loss curves, and the FLOP count behind MFU."""
+"""Training metrics: append-only JSONL, a PNG of the loss curves, the FLOP count behind MFU, the progress display
+and `TrainMetrics`, the trainer's metrics component (when a step is recorded and shown)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 from illada.config import ModelConfig
 from illada.files import write_atomic
@@ -60,6 +64,86 @@ class MetricsLog:
             except ValueError:
                 continue
         return [r for r in records if isinstance(r, dict)]
+
+
+class Progress:
+    """A rich progress bar on a terminal (when enabled); elsewhere (nohup, Slurm, `--no-progress`) a plain line
+    `step N/total · info` on stderr at every step given an `info`; nothing on ranks other than the main one."""
+
+    def __init__(self, label: str, total: int, start: int, enabled: bool, main: bool = True) -> None:
+        self.bar, self.total = None, total
+        self.plain = main and not (enabled and sys.stderr.isatty())
+        if not enabled or self.plain:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+        self.bar = Bar(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       TextColumn("{task.fields[info]}"), transient=False)
+        self.task = self.bar.add_task(label, total=total, completed=start, info="")
+        self.bar.start()
+
+    def update(self, step: int, info: str | None = None) -> None:
+        """Step `step` done; `info` (the summary of a logged step) is shown beside the bar or printed as a line."""
+        if self.plain and info is not None:
+            print(f"step {step}/{self.total} · {info}", file=sys.stderr, flush=True)
+        if self.bar is None:
+            return
+        fields = {} if info is None else {"info": info}
+        self.bar.update(self.task, completed=step, **fields)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class TrainMetrics:
+    """The trainer's metrics and progress (torchtitan's MetricsProcessor): it owns `log_every`.
+
+    Every `log_every` steps and at the last step of the call (`end`): a "train" record in metrics.jsonl with the
+    throughput and MFU since the previous one, and a summary line (plain off a terminal) or beside the bar; "val"
+    records with the loss plot. Records are written on the main rank only; opening drops those after `start`."""
+
+    def __init__(self, out_dir: Path, *, main: bool, log_every: int, start: int, end: int, total: int, tokens: int,
+                 progress: bool, flops_per_token: float, peak_flops: float, elapsed: Callable[[], float],
+                 title: str) -> None:
+        self.out_dir, self.log_every, self.end, self.title = out_dir, log_every, end, title
+        self.flops_per_token, self.peak_flops, self.elapsed = flops_per_token, peak_flops, elapsed
+        # a fresh start over this very run's aborted first attempt drops its records, as a resume from step 0 would
+        self.log = MetricsLog(out_dir, resume_step=start) if main else None
+        self.progress = Progress("train", total=total, start=start, enabled=progress and main, main=main)
+        self.t_last, self.tokens_last = time.perf_counter(), tokens
+
+    def should_log(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.end
+
+    def log_step(self, step: int, loss: float, lr: float, tokens: int, stats: dict) -> None:
+        """After step `step` (1-based), `tokens` seen in the whole run."""
+        if not self.should_log(step):
+            self.progress.update(step)
+            return
+        now = time.perf_counter()
+        tps = (tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
+        mfu = tps * self.flops_per_token / self.peak_flops
+        self.t_last, self.tokens_last = now, tokens
+        if self.log:
+            self.log.write({"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens": tokens,
+                            "tokens_per_s": tps, "mfu": mfu, "elapsed_s": round(self.elapsed(), 3),
+                            **{k: v for k, v in stats.items() if k != "finite"}})
+        self.progress.update(step, f"loss {loss:.4f} · {tps:,.0f} tok/s · MFU {100 * mfu:.1f}%")
+
+    def log_val(self, step: int, val_loss: float) -> None:
+        if self.log:
+            self.log.write({"kind": "val", "step": step, "val_loss": val_loss,
+                            "ppl_bound": math.exp(min(val_loss, 50.0))})
+            self.plot()
+
+    def plot(self) -> None:
+        """loss.png from every record of the run (main rank)."""
+        if self.log:
+            plot_losses(self.log.records(), self.out_dir / "loss.png", title=self.title)
+
+    def close(self) -> None:
+        self.progress.close()
 
 
 def plot_losses(records: list[dict], path: str | Path, title: str = "") -> None:

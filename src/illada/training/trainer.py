@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -24,13 +23,14 @@ from illada.files import write_atomic
 from illada.model import Transformer, build_model
 from illada.runtime import resolve_device
 from illada.training.batches import BatchPlan, PackedRows, PairRows, micro_batch_seed
-from illada.training.checkpointing import (CorruptCheckpoint, clean_staging, latest_checkpoint,
+from illada.training.checkpointing import (Checkpointer, CorruptCheckpoint, clean_staging, latest_checkpoint,
                                           load_training_checkpoint, newest_intact, save_training_checkpoint)
 from illada.training.config import TrainConfig
 from illada.training.lr_schedule import build_schedule, set_lr
-from illada.training.metrics import MetricsLog, default_peak_flops, flops_per_token, plot_losses
+from illada.training.metrics import TrainMetrics, default_peak_flops, flops_per_token
 from illada.training.parallelize import DistEnv, init_distributed, parallelize
 from illada.training.stopping import StopRequest
+from illada.training.validate import Validator
 
 
 @dataclass
@@ -323,33 +323,10 @@ class Trainer:
         stats["finite"] = finite
         return float(total.item()), stats, tokens * env.world_size
 
-    @torch.no_grad()
-    def validate(self) -> float:
-        """Validation loss in nats/token: the diffusion ELBO bound (fixed seeds) or the AR/SFT loss itself."""
-        from illada.diffusion.objective import elbo_nll
-
-        cfg = self.cfg
-        self.model.eval()
-        rows = self.val_source.validation_rows()[: cfg.eval_batches * cfg.micro_batch_size]
-        losses = []
-        for i in range(0, len(rows), cfg.micro_batch_size):
-            batch = {k: v.to(self.device) for k, v in self.val_source.batch(rows[i:i + cfg.micro_batch_size]).items()}
-            generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * (i + 1))
-            with self.autocast:
-                if cfg.objective == "diffusion":
-                    value = elbo_nll(self.wrapped, batch["input_ids"], self.model_config.mask_token_id,
-                                     num_samples=cfg.eval_mc_samples, generator=generator, eps=cfg.mask_eps)
-                else:
-                    value, _ = self.objective(self.wrapped, batch, generator)
-            losses.append(float(value))
-        self.model.train()
-        # every rank scores the same validation rows, so the local mean is the global one
-        return float(np.mean(losses)) if losses else float("nan")
-
     # -------------------------------------------------------------------------------------------------- loop
-    def run(self, max_steps: int | None = None) -> TrainResult:
-        """Train from the latest checkpoint in out_dir (or from scratch) up to cfg.steps (or `max_steps` in this call)."""
-        cfg = self.cfg
+    def _resume(self) -> tuple[int, int, int, Path | None]:
+        """(step, tokens, consecutive bad steps, checkpoint) to continue from: the latest checkpoint in out_dir (or
+        --resume-from), else a fresh start (0, 0, 0, None) after checking that out_dir holds no other run."""
         start, tokens, bad_steps = 0, 0, 0
         self._seconds_before, self._began = 0.0, time.perf_counter()
         if self.env.is_main:
@@ -366,110 +343,69 @@ class Trainer:
             if self.env.is_main:
                 self._check_fresh_start()
             if self.peft is not None:  # LoRA dropout draws from the global generators: a fresh run seeds them
-                torch.manual_seed(cfg.seed + self.env.rank)
+                torch.manual_seed(self.cfg.seed + self.env.rank)
+        return start, tokens, bad_steps, resume
+
+    def _count_bad_step(self, finite: bool, bad_steps: int, done: int, last_ckpt: Path | None) -> int:
+        """Consecutive non-finite steps after step `done`; `max_bad_steps` of them stop the run."""
+        bad_steps = 0 if finite else bad_steps + 1
+        if bad_steps:
+            if self.env.is_main:
+                print(f"illada: step {done}: non-finite loss/gradients, update skipped ({bad_steps} in a row)",
+                      file=sys.stderr)
+            if bad_steps >= self.cfg.max_bad_steps:
+                raise IlladaError(f"training stopped: {bad_steps} consecutive non-finite steps at step {done}; "
+                                  f"last good checkpoint: {last_ckpt or 'none'} (lower the lr or check the data)")
+        return bad_steps
+
+    def _record_config(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.out_dir / "train_config.json", json.dumps(self.cfg.to_dict(), indent=2))
+
+    def run(self, max_steps: int | None = None) -> TrainResult:
+        """Train from the latest checkpoint in out_dir (or from scratch) up to cfg.steps (or `max_steps` in this call).
+
+        Each step: train, then the metrics, validation and checkpoint components each decide whether their step
+        is due (log_every, eval_every, save_every / the end / a stop request)."""
+        cfg, main = self.cfg, self.env.is_main
+        start, tokens, bad_steps, resume = self._resume()
         # a fresh run records its config once its first step has worked: a run that cannot even take one step
         # (out of memory, bad data) leaves no train_config.json behind to make the directory look used
-        config_pending = resume is None and self.env.is_main
-        # a fresh start over this very run's aborted first attempt drops its records, as a resume from step 0 would
-        log = MetricsLog(self.out_dir, resume_step=start) if self.env.is_main else None
+        config_pending = resume is None and main
         end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
+        metrics = TrainMetrics(self.out_dir, main=main, log_every=cfg.log_every, start=start, end=end,
+                               total=cfg.steps, tokens=tokens, progress=cfg.progress,
+                               flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
+                               elapsed=self._elapsed, title=f"{cfg.objective} · {self.model_config.name}")
+        validator = Validator(cfg, self.val_source, self.model, self.wrapped, self.objective,
+                              self.model_config.mask_token_id, self.device, self.autocast, metrics)
+        checkpointer = Checkpointer(self.save, cfg.save_every, end, last=resume)
         losses: list[float] = []
-        val_loss, last_ckpt, stopped = None, resume, False
-        progress = _Progress(enabled=cfg.progress and self.env.is_main, total=cfg.steps, start=start,
-                             main=self.env.is_main)
+        stopped = False
         self.model.train()
         with self.stop_request.installed():
             try:
-                t_last, tokens_last = time.perf_counter(), tokens
                 for step in range(start, end):
                     lr = self._set_lr(step)
                     loss, stats, step_tokens = self.train_step(step)
                     if config_pending:
-                        self.out_dir.mkdir(parents=True, exist_ok=True)
-                        write_atomic(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+                        self._record_config()
                         config_pending = False
                     tokens += step_tokens
                     losses.append(loss if stats["finite"] else float("nan"))
-                    bad_steps = 0 if stats["finite"] else bad_steps + 1
                     done = step + 1
-                    if bad_steps:
-                        if self.env.is_main:
-                            print(f"illada: step {done}: non-finite loss/gradients, update skipped "
-                                  f"({bad_steps} in a row)", file=sys.stderr)
-                        if bad_steps >= cfg.max_bad_steps:
-                            raise IlladaError(f"training stopped: {bad_steps} consecutive non-finite steps at step {done}; "
-                                              f"last good checkpoint: {last_ckpt or 'none'} (lower the lr or check the data)")
-                    if done % cfg.log_every == 0 or done == end:
-                        now = time.perf_counter()
-                        tps = (tokens - tokens_last) / max(now - t_last, 1e-9)
-                        mfu = tps * self.flops_per_token / self.peak_flops
-                        t_last, tokens_last = now, tokens
-                        if log:
-                            log.write({"kind": "train", "step": done, "loss": loss, "lr": lr, "tokens": tokens,
-                                       "tokens_per_s": tps, "mfu": mfu, "elapsed_s": round(self._elapsed(), 3), **{k: v for k, v in stats.items() if k != "finite"}})
-                        progress.update(done, loss=loss, tps=tps, mfu=mfu)
-                    else:
-                        progress.update(done)
-                    if done % cfg.eval_every == 0 or done == cfg.steps:
-                        val_loss = self.validate()
-                        if log:
-                            log.write({"kind": "val", "step": done, "val_loss": val_loss,
-                                       "ppl_bound": math.exp(min(val_loss, 50.0))})
-                            plot_losses(log.records(), self.out_dir / "loss.png", title=f"{cfg.objective} · {self.model_config.name}")
+                    bad_steps = self._count_bad_step(stats["finite"], bad_steps, done, checkpointer.last)
+                    metrics.log_step(done, loss, lr, tokens, stats)
+                    validator.maybe_run(done)
                     stop = self.stop_request.agreed()
-                    if done % cfg.save_every == 0 or done == end or stop:
-                        try:
-                            last_ckpt = self.save(done, tokens, bad_steps) or last_ckpt
-                        except (OSError, IlladaError, RuntimeError) as error:
-                            # disk full, quota, permissions (as OSError, as the weights writer's IlladaError, or as
-                            # torch.save's RuntimeError): the previous checkpoint is untouched
-                            if isinstance(error, RuntimeError) and "writ" not in str(error):
-                                raise
-                            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-                            raise IlladaError(f"could not save the checkpoint of step {done} "
-                                              f"({reason}); the last checkpoint, "
-                                              f"{last_ckpt or 'none'}, is intact: free space and rerun to resume "
-                                              f"from it") from None
+                    checkpointer.maybe_save(done, tokens, bad_steps, stop=stop)
                     if stop:
                         stopped = True
                         break
             finally:
-                progress.close()
-        if log:
-            plot_losses(log.records(), self.out_dir / "loss.png", title=f"{cfg.objective} · {self.model_config.name}")
-        return TrainResult(self.out_dir, start + len(losses), losses, val_loss, last_ckpt, stopped)
-
-
-class _Progress:
-    """A rich progress bar with loss, tokens/s and MFU on a terminal; elsewhere (nohup, Slurm, `--no-progress`) a
-    plain line on stderr at every logged step; nothing on ranks other than the main one."""
-
-    def __init__(self, enabled: bool, total: int, start: int, main: bool = True) -> None:
-        self.bar, self.total = None, total
-        self.plain = main and not (enabled and sys.stderr.isatty())
-        if not enabled or self.plain:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            TextColumn("{task.fields[info]}"), transient=False)
-        self.task = self.bar.add_task("train", total=total, completed=start, info="")
-        self.bar.start()
-
-    def update(self, step: int, loss: float | None = None, tps: float | None = None, mfu: float | None = None) -> None:
-        if self.plain and loss is not None:
-            print(f"step {step}/{self.total} · loss {loss:.4f} · {tps:,.0f} tok/s · MFU {100 * mfu:.1f}%",
-                  file=sys.stderr, flush=True)
-        if self.bar is None:
-            return
-        fields = {}
-        if loss is not None:
-            fields["info"] = f"loss {loss:.4f} · {tps:,.0f} tok/s · MFU {100 * mfu:.1f}%"
-        self.bar.update(self.task, completed=step, **fields)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+                metrics.close()
+        metrics.plot()
+        return TrainResult(self.out_dir, start + len(losses), losses, validator.last, checkpointer.last, stopped)
 
 
 def _step_of(path: Path) -> int | None:
