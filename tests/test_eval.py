@@ -62,15 +62,15 @@ def test_presets_follow_the_paper():
     for name in ("arc_challenge", "hellaswag", "piqa"):
         assert (PRESETS[name].method, PRESETS[name].num_fewshot) == ("confidence", 0)
     assert (PRESETS["mmlu"].method, PRESETS["mmlu"].num_fewshot) == ("exact", 5)
-    g = PRESETS["gsm8k"]
-    assert (g.num_fewshot, g.max_new_tokens, g.block_length, g.steps, g.variable_length) == (8, 1024, 32, 32, True)
-    h = PRESETS["humaneval"]
-    assert (h.max_new_tokens, h.block_length, h.variable_length) == (512, 512, False)
+    g, gs = PRESETS["gsm8k"], PRESETS["gsm8k"].sampling
+    assert (g.num_fewshot, gs.gen_length, gs.block_length, gs.steps, gs.variable_length) == (8, 1024, 32, 32, True)
+    h = PRESETS["humaneval"].sampling
+    assert (h.gen_length, h.block_length, h.variable_length) == (512, 512, False)
     mi = get_preset("mmlu", instruct=True)
-    assert (mi.chat, mi.max_new_tokens, mi.num_fewshot) == (True, 3, 5)
-    assert get_preset("humaneval", instruct=True).end_think_power == 1.0
-    assert (get_preset("gsm8k", instruct=True).end_think_boost, get_preset("gsm8k", instruct=True).end_think_power) \
-        == (100.0, 3.0)
+    assert (mi.chat, mi.sampling.gen_length, mi.num_fewshot) == (True, 3, 5)
+    assert get_preset("humaneval", instruct=True).sampling.end_think_power == 1.0
+    gi = get_preset("gsm8k", instruct=True).sampling
+    assert (gi.end_think_boost, gi.end_think_power) == (100.0, 3.0)
     with pytest.raises(IlladaError, match="unknown task"):
         get_preset("nope")
 
@@ -142,7 +142,8 @@ def test_humaneval_runner_scores_in_the_sandbox(monkeypatch, tmp_path, sandbox_a
                    "def one": "    return 2\n"}  # wrong
 
     def fake_generate(prompts, return_output=False, **options):
-        assert options["variable_length"] is False and options["max_new_tokens"] == 512
+        config = options["config"]
+        assert config.variable_length is False and config.gen_length == 512
         return with_output([next(v for k, v in completions.items() if p.startswith(k)) for p in prompts])
 
     monkeypatch.setattr(lm, "generate", fake_generate)
@@ -163,7 +164,8 @@ def test_gsm8k_runner_extracts_and_logs(monkeypatch, tmp_path):
                "What is 600 + 600?": "600 + 600 = 1200\n#### 1,200 apples"}
 
     def fake_generate(prompts, return_output=False, **options):
-        assert options["stop_strings"] == ("Question:",) and options["block_length"] == 32
+        config = options["config"]
+        assert config.stop_strings == ("Question:",) and config.block_length == 32
         return with_output([next(v for k, v in outputs.items() if p.endswith(f"Question: {k}\nAnswer:"))
                             for p in prompts])
 

@@ -110,6 +110,7 @@ def naive_fixed(model, prompt, gen_length, block_length, steps, cfg_scale=0.0, e
 def run(model, prompts=PROMPTS, **options):
     ids, mask = batch(prompts)
     options.setdefault("mask_id", MASK)
+    options.setdefault("variable_length", False)  # the LLaDA canvas, as the naive references here
     return generate(model, ids, attention_mask=mask, **options)
 
 
@@ -563,7 +564,7 @@ def test_remasking_rules_and_top_k_run():
 def test_stream_and_callback_agree_with_generate():
     model = sharp_model(seed=67)
     ids, mask = batch()
-    options = dict(mask_id=MASK, gen_length=8, block_length=4, steps=8)
+    options = dict(mask_id=MASK, gen_length=8, block_length=4, steps=8, variable_length=False)
     seen = []
     out = generate(model, ids, attention_mask=mask, callback=seen.append, return_history=True, **options)
     events = list(stream(model, ids, attention_mask=mask, **options))
@@ -573,7 +574,7 @@ def test_stream_and_callback_agree_with_generate():
         assert torch.equal(e.canvas, canvas) and torch.equal(e.step_of, step_of)
         assert e.committed.sum().item() == 3  # one token per row per step
     assert (out.history[-1][1][:, out.prompt_length:] >= 0).all()
-    config = SamplingConfig(max_new_tokens=8, block_length=4, steps=8, mask_id=MASK)
+    config = SamplingConfig(max_new_tokens=8, block_length=4, steps=8, mask_id=MASK, variable_length=False)
     assert torch.equal(generate(model, ids, attention_mask=mask, config=config).sequences, out.sequences)
 
 

@@ -319,7 +319,7 @@ def test_eval_cli_passes_every_sampler_knob_to_the_sampler(tmp_path, monkeypatch
     real = Handle.generate
 
     def spy(self, prompts, **options):
-        seen.update(options)
+        seen.update(vars(options["config"]), max_new_tokens=options["config"].gen_length)
         return real(self, prompts, **options)
 
     monkeypatch.setattr(Handle, "generate", spy)

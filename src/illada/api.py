@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,6 +11,8 @@ from illada.config import ModelConfig, preset
 from illada.errors import IlladaError
 from illada.model import Transformer, build_model
 from illada.runtime import resolve_device, resolve_dtype
+from illada.sampling.config import SamplingConfig
+from illada.special_tokens import SpecialTokens
 from illada.tokenizer import Tokenizer
 
 ASSETS = Path(__file__).parent / "assets" / "models"
@@ -34,6 +36,10 @@ class DiffusionLM:
     config: ModelConfig
     name: str
     is_random: bool = False
+    special: SpecialTokens = field(init=False)  # resolved once, here, and passed to the sampler and scorers
+
+    def __post_init__(self) -> None:
+        self.special = SpecialTokens.resolve(self.tokenizer, self.config)
 
     @property
     def device(self) -> torch.device:
@@ -41,25 +47,23 @@ class DiffusionLM:
 
     @property
     def mask_token_id(self) -> int:
-        mask_id = self.tokenizer.mask_token_id if self.tokenizer.mask_token_id is not None else self.config.mask_token_id
-        if mask_id is None:
+        if self.special.mask is None:
             raise IlladaError(f"model {self.name}: no mask token id in config.json or the tokenizer; pass mask_token_id=")
-        return mask_id
+        return self.special.mask
 
-    def sampling_options(self, options: dict) -> dict:
-        """`options` completed with this model's defaults: per-mode steps/blocks, mask, EOS and EOT ids."""
-        tok = self.tokenizer
-        options = _sampling_defaults(options, self.config)
-        options.setdefault("mask_id", self.mask_token_id)
-        options.setdefault("eos_token_id", tok.eos_token_id if tok.eos_token_id is not None else self.config.eos_token_id)
-        options.setdefault("eot_token_id", tok.eot_token_id)
-        return options
+    def sampling_config(self, config: SamplingConfig | None = None, **options) -> SamplingConfig:
+        """`config` (default: `SamplingConfig()`) with `options` applied and this model's token ids filled in."""
+        config = config if config is not None else SamplingConfig()
+        if options:
+            config = config.replace(**options)
+        if self.special.mask is None and not self.config.causal:
+            self.mask_token_id  # raises: a diffusion model needs its mask
+        return config.with_tokens(self.special)
 
     @property
     def pad_token_id(self) -> int:
         """The id that left-pads a batch (masked out by the attention mask): the tokenizer's pad, else the mask."""
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.mask_token_id
+        return self.special.prompt_pad
 
     def encode_prompts(self, prompts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (ids, attention_mask) for a batch of prompts (rendered with the chat template if `chat`)."""
@@ -71,13 +75,13 @@ class DiffusionLM:
         ids, mask = left_pad(encoded, self.pad_token_id)
         return ids.to(self.device), mask.to(self.device)
 
-    def generate(self, prompts: str | list[str], *, chat: bool = False, return_output: bool = False,
-                 callback=None, **options):
+    def generate(self, prompts: str | list[str], *, config: SamplingConfig | None = None, chat: bool = False,
+                 return_output: bool = False, callback=None, **options):
         """Continue each prompt; returns the generated text (a str for a str prompt, else a list).
 
-        Options are `illada.sampling.SamplingConfig` fields (max_new_tokens, steps, block_length, remasking,
-        temperature, cfg_scale, variable_length, threshold, factor, cache, stop_strings, ...). A causal model
-        (`--objective ar`) decodes greedily with a KV cache until EOS, within max_new_tokens and the context.
+        `config` is an `illada.sampling.SamplingConfig`; options are its fields, applied on top (max_new_tokens,
+        steps, block_length, remasking, temperature, cfg_scale, variable_length, threshold, factor, cache,
+        stop_strings, ...). A causal model (`--objective ar`) decodes greedily with a KV cache until EOS, within max_new_tokens and the context.
         Each row gets exactly max_new_tokens unless a stop ends it first, in both modes (the last block is shorter
         when it is not a multiple of block_length), capped by the context after its own prompt: a warning says so
         (and `output.notes`). With `return_output=True` returns (texts, GenerationOutput) instead. `callback` sees
@@ -90,22 +94,22 @@ class DiffusionLM:
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
         ids, mask = self.encode_prompts(batch, chat=chat)
-        options = self.sampling_options(options)
+        cfg = self.sampling_config(config, **options)
         with torch.inference_mode():
             if self.config.causal:  # an autoregressive twin: greedy left to right, the diffusion knobs do not apply
                 from illada.sampling.autoregressive import greedy_generate_ar
 
-                budget = min(options["gen_length"], self.config.max_seq_len - ids.shape[1])
-                output = greedy_generate_ar(self.model, ids, budget, eos_token_id=options["eos_token_id"],
+                budget = min(cfg.gen_length, self.config.max_seq_len - ids.shape[1])
+                output = greedy_generate_ar(self.model, ids, budget, eos_token_id=cfg.eos_token_id,
                                             attention_mask=mask)
-                if budget < options["gen_length"]:
-                    output.notes = [f"max_new_tokens {options['gen_length']} capped to {budget}: the prompt "
+                if budget < cfg.gen_length:
+                    output.notes = [f"max_new_tokens {cfg.gen_length} capped to {budget}: the prompt "
                                     f"({ids.shape[1]} tokens) leaves {budget} of the model context "
                                     f"({self.config.max_seq_len} tokens)"]
             else:
                 # the sampler checks prompt + budget against the context (illada.sampling.blocks.plan_blocks)
-                output = generate(self.model, ids, attention_mask=mask, decode=self.tokenizer.decode,
-                                  callback=callback, **options)
+                output = generate(self.model, ids, config=cfg, attention_mask=mask, decode=self.tokenizer.decode,
+                                  callback=callback)
         for note in output.notes:
             warnings.warn(note, stacklevel=2)
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in output.generated_tokens()]
@@ -160,15 +164,16 @@ class DiffusionLM:
         results, output = self.fill_pieces([pieces], allow_shorter=allow_shorter, **options)
         return (results[0], output) if return_output else results[0]
 
-    def infill_options(self, options: dict) -> dict:
-        """`options` completed with this model's mask, EOS, EOT and padding ids (for `illada.sampling.infill`)."""
-        tok = self.tokenizer
-        options = dict(options)
-        options.setdefault("mask_id", self.mask_token_id)
-        options.setdefault("eos_token_id", tok.eos_token_id if tok.eos_token_id is not None else self.config.eos_token_id)
-        options.setdefault("eot_token_id", tok.eot_token_id)
-        options.setdefault("pad_token_id", tok.pad_token_id)
-        return options
+    def infill_config(self, config: "InfillConfig | None" = None, **options) -> "InfillConfig":
+        """`config` (default: `InfillConfig()`) with `options` applied and this model's mask, EOS, EOT and padding
+        ids filled in (for `illada.sampling.infill`)."""
+        from illada.sampling import InfillConfig
+
+        config = config if config is not None else InfillConfig()
+        config = config.replace(**options) if options else config
+        ids = {"mask_id": self.mask_token_id, "eos_token_id": self.special.eos, "eot_token_id": self.special.eot,
+               "pad_token_id": self.special.pad}
+        return config.replace(**{k: v for k, v in ids.items() if getattr(config, k) is None})
 
     def encode_pieces(self, rows: list[list]) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
         """Left-padded (canvas, attention_mask, hole spans) for rows of pieces (str: text, int: a hole of that
@@ -198,7 +203,7 @@ class DiffusionLM:
         holes = [[(s + width - len(c), e + width - len(c)) for s, e in spans] for c, spans in zip(canvases, holes)]
         return ids.to(self.device), mask.to(self.device), holes
 
-    def fill_pieces(self, rows: list[list], callback=None, **options):
+    def fill_pieces(self, rows: list[list], callback=None, config: "InfillConfig | None" = None, **options):
         """(texts, InfillOutput) for rows of pieces: each text is its literal pieces exactly as given with every
         hole's decoded fill in place; `output.fills` holds the fills per row. `callback(event, mask)` sees each
         pass's `StepEvent` (the canvas is padded as `mask`, its (B, L) attention mask, says)."""
@@ -207,7 +212,7 @@ class DiffusionLM:
         ids, mask, holes = self.encode_pieces(rows)
         with torch.inference_mode():
             for event in infill_stream(self.model, ids, spans=holes, attention_mask=mask,
-                                       **self.infill_options(options)):
+                                       config=self.infill_config(config, **options)):
                 if callback is not None:
                     callback(event, mask)
                 output = event.output
@@ -326,17 +331,3 @@ def _lora_checkpoint(name: str | Path) -> bool:
 
         path = latest_checkpoint(path) or path
     return is_adapter(path)
-
-
-def _sampling_defaults(options: dict, config: ModelConfig) -> dict:
-    """Per-mode defaults: variable-length with one token per pass in 32-token blocks (iLLaDA), or for a fixed
-    canvas `steps = max_new_tokens` (LLaDA's best-quality setting)."""
-    options = dict(options)
-    if "max_new_tokens" in options:
-        options["gen_length"] = options.pop("max_new_tokens")
-    options.setdefault("gen_length", 128)
-    options.setdefault("variable_length", True)
-    options.setdefault("block_length", min(32, options["gen_length"]))
-    if options.get("steps") is None:
-        options["steps"] = options["block_length"] if options["variable_length"] else options["gen_length"]
-    return options

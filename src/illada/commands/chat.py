@@ -5,7 +5,8 @@ import argparse
 import sys
 from typing import Callable, Iterable, TextIO
 
-from illada.commands.generate import add_model_arguments, add_sampling_arguments, load_model, sampling_options
+from illada.commands.generate import add_model_arguments, add_sampling_arguments, load_model
+from illada.commands.sampling_flags import sampling_config
 
 HELP = "commands: /reset starts a new conversation, /exit quits (Ctrl-D too)"
 
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.system is not None:
         check_unicode(args.system, "--system")
     lm = load_model(args)
-    options = sampling_options(args, lm.tokenizer)
+    config = lm.sampling_config(sampling_config(args))
     interactive = sys.stdin.isatty()
     if lm.is_random:
         print("(random-weight stand-in model: its replies are noise)", file=sys.stderr)
@@ -117,11 +118,10 @@ def run(args: argparse.Namespace) -> int:
 
     def reply(messages: list[dict], write: Callable[[str], None]) -> str:
         if lm.config.causal:  # the autoregressive decoder has no denoising steps to stream
-            return lm.chat(messages, **options)
-        streamer = ReplyStream(lm.tokenizer.decode, write, lm.mask_token_id,
-                               (lm.tokenizer.eos_token_id, lm.tokenizer.eot_token_id), options["stop_strings"])
+            return lm.chat(messages, config=config)
+        streamer = ReplyStream(lm.tokenizer.decode, write, lm.mask_token_id, lm.special.stops, config.stop_strings)
         with torch.inference_mode():
-            return lm.chat(messages, callback=streamer, **options)
+            return lm.chat(messages, callback=streamer, config=config)
 
     def show_prompt() -> None:
         print("> ", end="", file=sys.stderr, flush=True)

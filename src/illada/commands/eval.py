@@ -6,6 +6,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from illada.commands.generate import add_model_arguments
+    from illada.commands.sampling_flags import add_sampling_flags
     from illada.evaluation.presets import PRESETS
 
     add_model_arguments(parser)
@@ -25,22 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=None,
                         help="likelihood scoring (exact, mc): append EOS after the answer (default: the preset's; "
                              "mmlu/cmmlu: yes, the published BOS + context + [MASK] + EOS)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default: the preset's)")
-    parser.add_argument("--block-length", type=int, default=None, help="block length (default: the preset's)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     g = parser.add_argument_group("sampling (generation tasks; default: the preset's, one token per pass, greedy)")
-    g.add_argument("--variable-length", dest="variable_length", action="store_true", default=None,
-                   help="append blocks until EOS or a stop string (iLLaDA)")
-    g.add_argument("--fixed-length", dest="variable_length", action="store_false",
-                   help="one canvas of max-new-tokens masks (LLaDA)")
-    g.add_argument("--threshold", type=float, default=None,
-                   help="parallel decoding: commit all above this confidence (default: the preset's)")
-    g.add_argument("--factor", type=float, default=None, help="parallel decoding: factor rule (default: the preset's)")
-    g.add_argument("--cache", default=None, choices=["none", "prefix", "dual"],
-                   help="approximate KV cache (default: the preset's)")
-    g.add_argument("--remasking", default=None, choices=["low_confidence", "random", "margin", "entropy"],
-                   help="which masked tokens to commit each step (default: the preset's)")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the preset's)")
+    add_sampling_flags(g, skip={"seed"}, defaults=False, unset="the preset's")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N samples")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval test program")
@@ -55,15 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from illada.commands.generate import load_model
+    from illada.commands.sampling_flags import sampling_changes
     from illada.evaluation import evaluate, get_preset, load_samples, print_table, write_results
     from illada.files import check_output_dir
 
     preset = get_preset(args.task, instruct=args.instruct)
     preset = preset.replace(method=args.method, num_fewshot=args.num_fewshot, mc_num=args.mc_num,
-                            add_bos=args.add_bos, append_eos=args.append_eos,
-                            max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps,
-                            variable_length=args.variable_length, threshold=args.threshold, factor=args.factor,
-                            cache=args.cache, remasking=args.remasking, temperature=args.temperature)
+                            add_bos=args.add_bos, append_eos=args.append_eos, **sampling_changes(args))
     samples = load_samples(args.data, preset.kind)
     fewshot = load_samples(args.fewshot_data, preset.kind) if args.fewshot_data else None
     out = check_output_dir(args.out, "--out") if args.out else None

@@ -6,6 +6,7 @@ import sys
 import time
 import warnings
 
+from illada.commands.sampling_flags import add_sampling_flags, sampling_config
 from illada.errors import IlladaError
 
 
@@ -32,74 +33,8 @@ def load_model(args: argparse.Namespace):
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=128,
-                   help="generation budget: exactly this many tokens unless a stop comes first (capped by the "
-                        "model context, with a note)")
-    g.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (fixed: total, default max-new-tokens; variable: per block, default block length)")
-    g.add_argument("--block-length", type=int, default=32, help="tokens per block (default: 32)")
-    g.add_argument("--variable-length", dest="variable_length", action="store_true", default=True,
-                   help="iLLaDA: append blocks until EOS or a stop string (default)")
-    g.add_argument("--fixed-length", dest="variable_length", action="store_false",
-                   help="LLaDA: one canvas of max-new-tokens masks")
-    add_decoding_arguments(g)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--end-think-boost", type=float, default=0.0, help="boost for </think> (e.g. 100), §5.3")
-    g.add_argument("--end-think-power", type=float, default=3.0, help="how the boost grows along a block (default: 3.0)")
-
-
-def add_decoding_arguments(g) -> None:
-    """The knobs of each denoising step (shared by `generate` and `infill`)."""
-    g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "margin", "entropy"],
-                   help="which masked tokens to commit each step (default: low_confidence)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0.0)")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 1, off)")
-    g.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised classifier-free guidance weight")
-    g.add_argument("--threshold", type=float, default=None, help="parallel decoding: commit all tokens above this confidence")
-    g.add_argument("--factor", type=float, default=None, help="parallel decoding: factor rule")
-    g.add_argument("--cache", default="none", choices=["none", "prefix", "dual"], help="approximate KV cache")
-    g.add_argument("--forbid-eos", action="store_true", help="never generate EOS")
-    g.add_argument("--eos-confidence", default="normal", choices=["normal", "neg_inf"],
-                   help="neg_inf: commit EOS/EOT candidates last")
-    g.add_argument("--seed", type=int, default=None,
-                   help="seed of the random draws (default: a fresh one when sampling is random, printed as "
-                        "'illada: seed N' so the run can be repeated with --seed N)")
-
-
-def is_random(args: argparse.Namespace) -> bool:
-    """Whether the decoding draws random numbers: temperature sampling or random remasking."""
-    return (args.temperature or 0) > 0 or args.remasking == "random"
-
-
-def pick_seed(args: argparse.Namespace) -> int | None:
-    """`--seed`, else for random decoding a fresh seed, printed once (`illada: seed N`) so the run can be repeated;
-    greedy decoding needs none. Sets `args.seed`, so a second call (each chat turn) reuses it."""
-    if args.seed is None and is_random(args):
-        import random
-
-        args.seed = random.SystemRandom().randrange(2**31)
-        print(f"illada: seed {args.seed}", file=sys.stderr)
-    return args.seed
-
-
-def decoding_options(args: argparse.Namespace) -> dict:
-    """The options of `add_decoding_arguments`, by their sampler names (a seed picked for random decoding)."""
-    pick_seed(args)
-    return dict(steps=args.steps, remasking=args.remasking, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, cfg_scale=args.cfg_scale, threshold=args.threshold, factor=args.factor,
-                cache=args.cache, forbid_eos=args.forbid_eos, eos_confidence=args.eos_confidence, seed=args.seed)
-
-
-def sampling_options(args: argparse.Namespace, tokenizer) -> dict:
-    options = dict(decoding_options(args), max_new_tokens=args.max_new_tokens, block_length=args.block_length,
-                   variable_length=args.variable_length, stop_strings=tuple(args.stop))
-    if args.end_think_boost:
-        end_think = tokenizer.encode("</think>")
-        options.update(end_think_ids=end_think, end_think_boost=args.end_think_boost,
-                       end_think_power=args.end_think_power)
-    return options
+    """Every `SamplingConfig` knob as a flag (illada.commands.sampling_flags)."""
+    add_sampling_flags(parser.add_argument_group("sampling"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():  # its notes are printed below, as for the diffusion path
             warnings.simplefilter("ignore")
             texts, output = lm.generate(prompts, chat=args.chat, return_output=True,
-                                        max_new_tokens=args.max_new_tokens)
+                                        max_new_tokens=args.gen_length)
         seconds = time.perf_counter() - began
         _print_notes(output)
         for prompt, text in zip(prompts, texts):
@@ -151,12 +86,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{generated} tokens · {output.nfe} forward passes (autoregressive, KV cache) · "
               f"{generated / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
         return 0
-    options = lm.sampling_options(sampling_options(args, lm.tokenizer))
+    config = lm.sampling_config(sampling_config(args))
     ids, mask = lm.encode_prompts(prompts, chat=args.chat)
     token_text = _token_text(lm.tokenizer)
     prompt_text = lm.tokenizer.decode(ids[0][mask[0].bool()].tolist())
     start = ids.shape[1]
-    mask_id, pad_id = options["mask_id"], lm.tokenizer.pad_token_id
+    mask_id, pad_id = config.mask_id, lm.tokenizer.pad_token_id
     frames, live, output = [], None, None
     if args.show:
         from rich.console import Console
@@ -167,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     try:
         with torch.inference_mode():
-            for event in stream(lm.model, ids, attention_mask=mask, decode=lm.tokenizer.decode, **options):
+            for event in stream(lm.model, ids, config=config, attention_mask=mask, decode=lm.tokenizer.decode):
                 if event.done:
                     output = event.output
                     break

@@ -11,7 +11,8 @@ import argparse
 import sys
 import time
 
-from illada.commands.generate import add_decoding_arguments, add_model_arguments, decoding_options, load_model
+from illada.commands.generate import add_model_arguments, load_model
+from illada.commands.sampling_flags import add_sampling_flags, pick_seed, sampling_changes
 from illada.errors import IlladaError
 
 
@@ -19,10 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", help="text with holes written <|mask:N|> (N tokens; \\<|mask:N|> is literal); "
                                      "'-' reads it from stdin")
     add_model_arguments(parser)
+    from illada.sampling.infill import InfillConfig
+
     g = parser.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, default=None,
-                   help="denoising passes (default: one per hole token; the holes are filled together)")
-    add_decoding_arguments(g)
+    add_sampling_flags(g, only=InfillConfig.option_names(),
+                       help={"steps": "denoising passes (default: one per hole token; the holes are filled together)"})
     g.add_argument("--allow-shorter", action="store_true",
                    help="drop EOS/padding the model puts at the end of a hole (a hole may come out shorter)")
     parser.add_argument("--show", action="store_true", help="live view of the holes resolving in the terminal")
@@ -40,10 +42,13 @@ def run(args: argparse.Namespace) -> int:
         raise IlladaError(f"--record: {args.record} must end in .html or .gif")
     if args.record:
         check_output_file(args.record, "--record")
-    options = dict(decoding_options(args), allow_shorter=args.allow_shorter)
-    if options["cache"] != "none":
-        raise IlladaError(f"--cache {options['cache']} is not supported by infill (holes can sit anywhere, so "
+    from illada.sampling.infill import InfillConfig
+
+    if args.cache != "none":
+        raise IlladaError(f"--cache {args.cache} is not supported by infill (holes can sit anywhere, so "
                           "there is no cached prefix); use --cache none")
+    config = InfillConfig(**sampling_changes(args), allow_shorter=args.allow_shorter)
+    config = config.replace(seed=pick_seed(args, config.is_random))
     lm = load_model(args)
     token_text = lambda token: lm.tokenizer.decode([token])  # noqa: E731
     frames, live = [], None
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     began = time.perf_counter()
     try:
-        texts, output = lm.fill_pieces([pieces], callback=watch, **options)
+        texts, output = lm.fill_pieces([pieces], callback=watch, config=config)
     finally:
         if live is not None:
             live.stop()

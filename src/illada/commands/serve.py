@@ -8,6 +8,7 @@ import socket
 import sys
 
 from illada.commands.generate import add_model_arguments, load_model
+from illada.commands.sampling_flags import add_sampling_flags, sampling_changes
 from illada.errors import IlladaError
 
 API_KEY_ENV = "ILLADA_API_KEY"
@@ -32,11 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the model context)")
     g.add_argument("--max-n", type=int, default=8, help="largest n (choices per prompt)")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    g = parser.add_argument_group("sampling defaults (a request's own fields override them)")
+    add_sampling_flags(g, skip={"gen_length", "stop_strings", "seed"}, defaults=False,
+                       unset="the sampler's: variable length, one token per pass, greedy")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def settings_from_args(args: argparse.Namespace):
     """ServerSettings from the parsed options, each checked."""
+    from illada.sampling.config import SamplingConfig
     from illada.serving import Limits, ServerSettings
 
     for name in ("max_batch", "queue_size", "max_tokens", "default_max_tokens", "max_n", "max_body_bytes"):
@@ -53,8 +58,9 @@ def settings_from_args(args: argparse.Namespace):
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                     default_max_tokens=args.default_max_tokens, max_n=args.max_n, max_body_bytes=args.max_body_bytes)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    sampling = SamplingConfig(**sampling_changes(args))
     return ServerSettings(api_key=api_key, max_batch=args.max_batch, queue_size=args.queue_size,
-                          timeout=args.timeout, limits=limits, model_name=args.model_name)
+                          timeout=args.timeout, limits=limits, model_name=args.model_name, sampling=sampling)
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from illada.errors import IlladaError
+from illada.sampling.config import SamplingConfig
 
 KINDS = ("multiple_choice", "mmlu", "gsm8k", "humaneval", "exact")
 METHODS = ("confidence", "mc", "exact", "generate")
@@ -35,25 +36,17 @@ class TaskPreset:
     # the scored input of the likelihood methods (exact, mc): None = the method's default (no BOS, no EOS)
     add_bos: bool | None = None
     append_eos: bool | None = None
-    # generation tasks
-    max_new_tokens: int = 1024
-    block_length: int = 32
-    steps: int | None = None  # per block when variable_length, total otherwise; None: one token per pass
-    variable_length: bool = True
-    stop: tuple[str, ...] = ()
-    end_think_boost: float = 0.0
-    end_think_power: float = 3.0
-    # parallel decoding and the rest of the sampler (the paper's protocols: one token per pass, greedy)
-    threshold: float | None = None
-    factor: float | None = None
-    cache: str = "none"
-    remasking: str = "low_confidence"
-    temperature: float = 0.0
+    # generation tasks: the sampler (the paper's protocols: one token per pass, greedy, no CFG)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=1024))
     description: str = ""
     extra: dict = field(default_factory=dict)
 
     def replace(self, **changes) -> "TaskPreset":
+        """A copy with `changes` (None: keep); sampler knobs (SamplingConfig fields) go into `sampling`."""
         changes = {k: v for k, v in changes.items() if v is not None}
+        knobs = {k: changes.pop(k) for k in list(changes) if k in SamplingConfig.option_names()}
+        if knobs:
+            changes["sampling"] = self.sampling.replace(**knobs)
         preset = dataclasses.replace(self, **changes)
         preset.validate()
         return preset
@@ -69,19 +62,8 @@ class TaskPreset:
         if self.kind == "multiple_choice" and self.method == "generate":
             raise IlladaError(f"task {self.name}: free-form choices are scored, not generated; use the mmlu kind "
                               "for letter answers")
-        if self.num_fewshot < 0 or self.mc_num < 1 or self.max_new_tokens < 1 or self.block_length < 1:
-            raise IlladaError(f"task {self.name}: num_fewshot >= 0, mc_num, max_new_tokens, block_length >= 1")
-        if generative:  # the sampler's own checks, before any model is loaded
-            from illada.sampling import SamplingConfig
-
-            options = self.sampling_options()
-            SamplingConfig(**{**options, "steps": options["steps"] or options["block_length"]})
-
-    def sampling_options(self) -> dict:
-        """Options for `DiffusionLM.generate` (by default greedy, no CFG, one token per pass, as in the paper)."""
-        return dict(max_new_tokens=self.max_new_tokens, block_length=self.block_length, steps=self.steps,
-                    variable_length=self.variable_length, temperature=self.temperature, stop_strings=self.stop,
-                    threshold=self.threshold, factor=self.factor, cache=self.cache, remasking=self.remasking)
+        if self.num_fewshot < 0 or self.mc_num < 1:
+            raise IlladaError(f"task {self.name}: num_fewshot >= 0, mc_num >= 1")
 
 
 _BASE = [
@@ -98,23 +80,27 @@ _BASE = [
                            "--no-append-eos: context + [MASK])"),
     TaskPreset("cmmlu", "mmlu", "exact", num_fewshot=5, add_bos=True, append_eos=True,
                description="CMMLU protocol (as MMLU: single-token likelihood on BOS + context + [MASK] + EOS)"),
-    TaskPreset("gsm8k", "gsm8k", "generate", num_fewshot=8, max_new_tokens=1024, block_length=32, steps=32,
-               stop=("Question:",), description="GSM8K: 8-shot, variable-length generation, gen 1024 / block 32"),
-    TaskPreset("exact", "exact", "generate", max_new_tokens=64, block_length=32, steps=32,
+    TaskPreset("gsm8k", "gsm8k", "generate", num_fewshot=8,
+               sampling=SamplingConfig(max_new_tokens=1024, block_length=32, steps=32, stop_strings=("Question:",)),
+               description="GSM8K: 8-shot, variable-length generation, gen 1024 / block 32"),
+    TaskPreset("exact", "exact", "generate", sampling=SamplingConfig(max_new_tokens=64, block_length=32, steps=32),
                description="exact match of the generated text with `answer` (`prompt` [+ `suffix`: the gap between "
                            "them is filled, as many tokens as the answer]); variable length, block 32"),
-    TaskPreset("humaneval", "humaneval", "generate", max_new_tokens=512, block_length=512, steps=512,
-               variable_length=False, stop=("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"),
+    TaskPreset("humaneval", "humaneval", "generate",
+               sampling=SamplingConfig(max_new_tokens=512, block_length=512, steps=512, variable_length=False,
+                                       stop_strings=("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")),
                description="HumanEval: one fixed 512-token block, tests in a sandbox, pass@1"),
 ]
 _INSTRUCT = [
-    TaskPreset("mmlu-instruct", "mmlu", "generate", num_fewshot=5, chat=True, max_new_tokens=3, block_length=3,
-               steps=3, description="MMLU, instruct: 5-shot multi-turn chat, 3 generated tokens"),
-    TaskPreset("gsm8k-instruct", "gsm8k", "generate", chat=True, max_new_tokens=2048, block_length=32, steps=32,
-               end_think_boost=100.0, end_think_power=3.0,
+    TaskPreset("mmlu-instruct", "mmlu", "generate", num_fewshot=5, chat=True,
+               sampling=SamplingConfig(max_new_tokens=3, block_length=3, steps=3), description="MMLU, instruct: 5-shot multi-turn chat, 3 generated tokens"),
+    TaskPreset("gsm8k-instruct", "gsm8k", "generate", chat=True,
+               sampling=SamplingConfig(max_new_tokens=2048, block_length=32, steps=32, end_think_boost=100.0,
+                                       end_think_power=3.0),
                description="GSM8K, instruct: 0-shot reasoning prompt, gen 2048 / block 32, end-think boost"),
-    TaskPreset("humaneval-instruct", "humaneval", "generate", chat=True, max_new_tokens=2048, block_length=32,
-               steps=32, end_think_boost=100.0, end_think_power=1.0,
+    TaskPreset("humaneval-instruct", "humaneval", "generate", chat=True,
+               sampling=SamplingConfig(max_new_tokens=2048, block_length=32, steps=32, end_think_boost=100.0,
+                                       end_think_power=1.0),
                description="HumanEval, instruct: 0-shot, gen 2048 / block 32, end-think boost power 1"),
 ]
 PRESETS: dict[str, TaskPreset] = {p.name: p for p in _BASE + _INSTRUCT}

@@ -202,10 +202,7 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
         else:
             prompt = tok.apply_chat_template(tasks.humaneval_messages(sample)) if preset.chat else sample["prompt"]
         prompts.append(prompt)
-    options = preset.sampling_options()
-    if preset.end_think_boost:
-        options.update(end_think_ids=tok.encode("</think>"), end_think_boost=preset.end_think_boost,
-                       end_think_power=preset.end_think_power)
+    sampling = preset.sampling
     outputs: list[str] = [""] * len(chunk)
     lengths = [0] * len(chunk)  # generated tokens of each row, up to its stop
     passes = [0] * len(chunk)
@@ -214,19 +211,19 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
     if gaps:  # holes before a suffix: filled in place, as many tokens as the answer has
         sizes = [len(tok.encode(chunk[i]["answer"])) for i in gaps]
         filled, out = lm.infill([prompts[i] for i in gaps], [chunk[i]["suffix"] for i in gaps], sizes,
-                                threshold=preset.threshold, return_output=True)
+                                return_output=True, seed=seed, **_infill_knobs(sampling))
         for i, text, size, own in zip(gaps, filled, sizes, out.row_nfe.tolist()):
             outputs[i], lengths[i], passes[i] = text, size, own
         batch_passes, batch_nfe = batch_passes + out.nfe * len(gaps), batch_nfe + out.nfe
     rest = sorted(set(range(len(chunk))) - set(gaps))
     if rest:
-        texts, out = lm.generate([prompts[i] for i in rest], seed=seed, return_output=True, **options)
+        texts, out = lm.generate([prompts[i] for i in rest], config=sampling.replace(seed=seed), return_output=True)
         for i, text, size, own in zip(rest, texts, out.generated_lengths.tolist(), out.row_nfe.tolist()):
             outputs[i], lengths[i], passes[i] = text, int(size), int(own)
         batch_passes, batch_nfe = batch_passes + out.nfe * len(rest), batch_nfe + out.nfe
     records = []
     for index, (sample, prompt, output) in enumerate(zip(chunk, prompts, outputs)):
-        output = _cut_at_stop(output, preset.stop)
+        output = _cut_at_stop(output, sampling.stop_strings)
         # passes: the forward passes that worked on this row (a finished row riding along is not counted)
         record = {"prompt": prompt, "output": output, "generated_tokens": lengths[index], "passes": passes[index]}
         if preset.kind == "exact":
@@ -280,3 +277,12 @@ def print_table(results: list[EvalResult], file=None) -> None:
     if not console.is_terminal:  # a log or a pipe: the whole table, not one squeezed into 80 columns
         console = Console(file=file or sys.stdout, width=160)
     console.print(table)
+
+
+def _infill_knobs(sampling) -> dict:
+    """The preset's sampler knobs that apply to filling a gap (the hole's length is the answer's; one token per
+    pass unless a parallel rule is set; no blocks, no cache)."""
+    from illada.sampling import InfillConfig
+
+    skip = {"steps", "cache", "seed", "mask_id", "eos_token_id", "eot_token_id", "pad_token_id"}
+    return {name: getattr(sampling, name) for name in InfillConfig.option_names() - skip if hasattr(sampling, name)}

@@ -114,7 +114,7 @@ class RLTrainer:
             texts, return_output=True, max_new_tokens=cfg.max_new_tokens, block_length=cfg.block_length,
             steps=cfg.sampling_steps, temperature=cfg.temperature, variable_length=True, threshold=cfg.threshold,
             cache=cfg.cache, seed=_seed(cfg.seed, step, 23, self.env.rank))
-        eos = tok.eos_token_id if tok.eos_token_id is not None else self.lm.config.eos_token_id
+        eos = self.lm.special.eos
         prompt_ids = [list(tok.encode(t)) for t in texts]
         tokens = []
         for row in output.generated_tokens():

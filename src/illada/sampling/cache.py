@@ -16,7 +16,7 @@ from torch import nn
 
 from illada.model import KVCache
 
-CACHE_POLICIES = ("none", "prefix", "dual")
+from illada.sampling.config import CACHES as CACHE_POLICIES
 
 
 @dataclass

@@ -7,8 +7,7 @@ exactly what it gives alone.
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import InitVar, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -16,100 +15,11 @@ from torch import nn
 
 from illada.errors import IlladaError
 from illada.sampling.blocks import BlockPlan, append_block, initial_canvas, plan_blocks
-from illada.sampling.cache import CACHE_POLICIES, BlockForward
+from illada.sampling.cache import BlockForward
+from illada.sampling.config import SamplingConfig, token_ids
 from illada.sampling.endthink import end_think_boost
-from illada.sampling.remasking import REMASKING_RULES, propose, select_top
+from illada.sampling.remasking import propose, select_top
 from illada.sampling.schedule import commit_counts, linear_schedule
-
-EOS_CONFIDENCE = ("normal", "neg_inf")
-
-
-@dataclass
-class SamplingConfig:
-    """Every sampler knob; field names are the CLI option names (`max_new_tokens` is accepted for gen_length).
-
-    steps: total denoising steps for a fixed canvas (shared equally among blocks), steps per block for
-    variable-length generation; ignored by the threshold/factor rules, which run until the block is full.
-    """
-
-    gen_length: int = 128
-    steps: int = 128
-    block_length: int = 32
-    remasking: str = "low_confidence"
-    temperature: float = 0.0
-    cfg_scale: float = 0.0
-    mask_id: int | None = None  # None: the model config's mask_token_id
-    variable_length: bool = False
-    threshold: float | None = None  # commit every position with confidence > threshold (at least one)
-    factor: float | None = None  # commit the n most confident while (n + 1)(1 - c_n) < factor
-    cache: str = "none"  # none | prefix | dual
-    cache_refresh: int | None = None  # also refresh the cache every k steps inside a block
-    top_k: int | None = None
-    top_p: float | None = None
-    eos_token_id: int | None = None  # None: the model config's eos_token_id
-    eot_token_id: int | None = None
-    pad_token_id: int | None = None  # fills the canvas after the stop; None: eos, else mask id
-    forbid_eos: bool = False
-    eos_confidence: str = "normal"  # "neg_inf": candidates EOS/EOT are committed last
-    stop_token_ids: Sequence[int] = ()
-    stop_strings: Sequence[str] = ()
-    end_think_ids: Sequence[int] | None = None
-    end_think_boost: float = 0.0
-    end_think_power: float = 3.0
-    seed: int | None = None
-    early_stop: bool = True  # fixed canvas: stop once every row has a stop in its finished blocks
-    max_new_tokens: InitVar[int | None] = None
-
-    def __post_init__(self, max_new_tokens: int | None) -> None:
-        if max_new_tokens is not None:
-            self.gen_length = max_new_tokens
-        self.stop_token_ids = tuple(int(t) for t in (self.stop_token_ids or ()))
-        self.stop_strings = tuple(self.stop_strings or ())
-        if self.end_think_ids is not None:
-            self.end_think_ids = tuple(int(t) for t in self.end_think_ids)
-        self.validate()
-
-    def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise IlladaError(message)
-
-        # block_length before steps: a variable-length run's steps default to the block length, so a bad block
-        # length would otherwise be reported as bad steps
-        for name in ("gen_length", "block_length", "steps"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"{name} must be a positive integer, got {value!r}")
-        for name in ("temperature", "cfg_scale", "threshold", "factor", "top_p", "end_think_boost", "end_think_power"):
-            value = getattr(self, name)
-            need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                   and math.isfinite(value)), f"{name} must be a finite number, got {value!r}")
-        need(self.remasking in REMASKING_RULES,
-             f"unknown remasking {self.remasking!r}; choose from {', '.join(REMASKING_RULES)}")
-        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        need(self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        need(self.cache in CACHE_POLICIES, f"unknown cache {self.cache!r}; choose from {', '.join(CACHE_POLICIES)}")
-        need(self.cache_refresh is None or self.cache_refresh >= 1, "cache_refresh must be >= 1")
-        need(self.threshold is None or self.factor is None, "use either threshold or factor, not both")
-        need(self.threshold is None or 0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}")
-        need(self.factor is None or self.factor > 0, f"factor must be > 0, got {self.factor}")
-        need(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
-        need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        need(self.eos_confidence in EOS_CONFIDENCE,
-             f"eos_confidence must be one of {', '.join(EOS_CONFIDENCE)}, got {self.eos_confidence!r}")
-        need(self.end_think_boost == 0 or bool(self.end_think_ids), "end_think_boost needs end_think_ids")
-
-    @classmethod
-    def option_names(cls) -> set[str]:
-        """Accepted option names (the fields plus the max_new_tokens alias)."""
-        return {f.name for f in dataclasses.fields(cls)} | {"max_new_tokens"}
-
-    def replace(self, **changes) -> "SamplingConfig":
-        unknown = sorted(set(changes) - self.option_names())
-        if unknown:
-            raise IlladaError(f"unknown sampling option(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
-
 
 @dataclass
 class StepEvent:
@@ -158,11 +68,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
-def _model_config_value(model: nn.Module, name: str) -> int | None:
-    config = getattr(model, "config", None)
-    return getattr(config, name, None) if config is not None else None
-
-
 class _Decoder:
     """State of one batched generation; `events()` runs it."""
 
@@ -189,25 +94,24 @@ class _Decoder:
             attention_mask = None if mask.all() else mask.long()
         self.attention_mask = attention_mask
 
-        self.mask_id = cfg.mask_id if cfg.mask_id is not None else _model_config_value(model, "mask_token_id")
-        if self.mask_id is None:
-            raise IlladaError("mask_id is not set and the model config has no mask_token_id")
-        eos = cfg.eos_token_id if cfg.eos_token_id is not None else _model_config_value(model, "eos_token_id")
-        self.eos_ids = [t for t in (eos, cfg.eot_token_id) if t is not None]
+        self.mask_id, self.eos_ids, eos = token_ids(cfg, model)
         self.stop_ids = sorted(set(self.eos_ids) | set(cfg.stop_token_ids))
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
         self.pad_id = pad if pad is not None else self.mask_id
         if cfg.stop_strings and decode is None:
             raise IlladaError("stop_strings need a decode function (the tokenizer)")
+        if cfg.end_think_boost and not cfg.end_think_ids:
+            raise IlladaError("end_think_boost needs end_think_ids (the tokens of </think>)")
 
-        self.scheduled = cfg.threshold is None and cfg.factor is None
+        self.scheduled = cfg.scheduled
         # each row's budget from its own prompt length, never from the padded width: a row gives what it gives alone
         width = self.prompt_ids.shape[1]
         lens = ([width] * self.prompt_ids.shape[0] if attention_mask is None
                 else attention_mask.sum(-1).tolist())
-        self.plan: BlockPlan = plan_blocks(lens, cfg.gen_length, cfg.block_length, cfg.steps, cfg.variable_length,
-                                           _model_config_value(model, "max_seq_len"), self.scheduled, width,
-                                           row_budgets)
+        self.plan: BlockPlan = plan_blocks(lens, cfg.gen_length, cfg.resolved_block_length, cfg.resolved_steps,
+                                           cfg.variable_length, getattr(getattr(model, "config", None),
+                                                                        "max_seq_len", None),
+                                           self.scheduled, width, row_budgets)
         self.budgets = torch.tensor(self.plan.budgets, dtype=torch.long, device=device)  # (B,)
         self.in_budget = self.plan.in_budget(device)  # (B, budget): the generation columns of each row
         if generator is None and cfg.seed is not None:

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from illada.errors import IlladaError
-from illada.sampling.generate import StepEvent, _model_config_value
+from illada.sampling.config import token_ids
+from illada.sampling.generate import StepEvent
 from illada.sampling.remasking import propose, select_top
 from illada.sampling.schedule import commit_counts, linear_schedule
 
@@ -59,7 +60,7 @@ class InfillConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        from illada.sampling.generate import SamplingConfig
+        from illada.sampling.config import SamplingConfig
 
         if self.steps is not None and not (isinstance(self.steps, int) and not isinstance(self.steps, bool)
                                            and self.steps > 0):
@@ -75,6 +76,16 @@ class InfillConfig:
     @classmethod
     def option_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+    @property
+    def is_random(self) -> bool:
+        return self.temperature > 0 or self.remasking == "random"
+
+    def replace(self, **changes) -> "InfillConfig":
+        unknown = sorted(set(changes) - self.option_names())
+        if unknown:
+            raise IlladaError(f"unknown infill option(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -122,11 +133,8 @@ def mask_runs(holes: Sequence[bool]) -> list[Span]:
 
 
 def _resolve_config(config: InfillConfig | None, options: dict) -> InfillConfig:
-    unknown = sorted(set(options) - InfillConfig.option_names())
-    if unknown:
-        raise IlladaError(f"unknown infill option(s): {', '.join(unknown)}")
     base = config or InfillConfig()
-    return dataclasses.replace(base, **options) if options else base
+    return base.replace(**options) if options else base
 
 
 @torch.no_grad()
@@ -144,10 +152,8 @@ def infill_stream(model: nn.Module, canvas: torch.Tensor, *, spans: Sequence[Seq
     device = next(model.parameters()).device
     x = x.long().clone().to(device)
     b, width = x.shape
-    mask_id = cfg.mask_id if cfg.mask_id is not None else _model_config_value(model, "mask_token_id")
-    if mask_id is None:
-        raise IlladaError("mask_id is not set and the model config has no mask_token_id")
-    context_len = _model_config_value(model, "max_seq_len")
+    mask_id, eos_ids, _ = token_ids(cfg, model)
+    context_len = getattr(getattr(model, "config", None), "max_seq_len", None)
     real = torch.ones_like(x, dtype=torch.bool)
     if attention_mask is not None:
         attention_mask = torch.as_tensor(attention_mask).to(device)
@@ -178,8 +184,6 @@ def infill_stream(model: nn.Module, canvas: torch.Tensor, *, spans: Sequence[Seq
         x = torch.where(holes, torch.full_like(x, mask_id), x)
     context = real & ~holes  # never changed
 
-    eos = cfg.eos_token_id if cfg.eos_token_id is not None else _model_config_value(model, "eos_token_id")
-    eos_ids = [t for t in (eos, cfg.eot_token_id) if t is not None]
     if generator is None and cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     scheduled = cfg.threshold is None and cfg.factor is None

@@ -9,7 +9,7 @@ from typing import Iterable
 
 import torch
 
-REMASKING_RULES = ("low_confidence", "random", "margin", "entropy")
+from illada.sampling.config import REMASKING as REMASKING_RULES
 NEG_INF = float("-inf")
 
 

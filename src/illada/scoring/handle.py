@@ -26,15 +26,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, tokenizer.encode(continuation)
 
 
-def _bos(lm, add_bos: bool) -> list[int]:
-    bos = lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.config.bos_token_id
-    return [bos] if add_bos and bos is not None else []
-
-
-def _eos(lm) -> int | None:
-    return lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else lm.config.eos_token_id
-
-
 def score_pairs(lm, pairs: Sequence[tuple[str, str]], *, method: str = "confidence", mc_num: int = 128,
                 batch_size: int = 16, cfg_scale: float = 0.0, seed: int = 0,
                 add_bos: bool | None = None, append_eos: bool | None = None) -> tuple[list[float], list[bool]]:
@@ -50,10 +41,11 @@ def score_pairs(lm, pairs: Sequence[tuple[str, str]], *, method: str = "confiden
     """
     if method not in METHODS:
         raise IlladaError(f"unknown scoring method {method!r}; choose from {', '.join(METHODS)}")
-    bos = _bos(lm, method == "confidence" if add_bos is None else add_bos)
+    with_bos = method == "confidence" if add_bos is None else add_bos
+    bos = [lm.special.bos] if with_bos and lm.special.bos is not None else []
     encoded = [encode_pair(lm.tokenizer, ctx, cont) for ctx, cont in pairs]
     # like lm-evaluation-harness: a context too long for the model loses its oldest tokens (the BOS stays)
-    eos = _eos(lm) if append_eos and method != "confidence" else None
+    eos = lm.special.eos if append_eos and method != "confidence" else None
     if append_eos and method != "confidence" and eos is None:
         raise IlladaError("append_eos: the model has no EOS token")
     extra = 1 if method == "confidence" or eos is not None else 0  # the appended EOS
@@ -66,7 +58,7 @@ def score_pairs(lm, pairs: Sequence[tuple[str, str]], *, method: str = "confiden
     mask_id = lm.mask_token_id
     if method == "confidence":
         return confidence_scores_greedy(lm.model, list(zip(contexts, continuations)), mask_id=mask_id,
-                                        eos_id=_eos(lm), batch_size=batch_size)
+                                        eos_id=lm.special.eos, batch_size=batch_size)
     if method == "exact":
         check_one_token(continuations)
         # one pass per distinct context: the candidates of a question share it, and so does is_greedy

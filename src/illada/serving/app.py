@@ -22,7 +22,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from illada.serving.batcher import Batcher, Ticket
+from illada.sampling.config import SamplingConfig
+from illada.serving.batcher import Batcher, GenerationFailed, QueueFull, ServingError, ShuttingDown, Ticket
 from illada.serving.metrics import Metrics
 from illada.serving.protocol import (
     ApiError,
@@ -48,6 +49,17 @@ class ServerSettings:
     timeout: float = 600.0  # seconds per request, queueing included
     limits: Limits = field(default_factory=Limits)
     model_name: str | None = None  # the id clients use; default: the checkpoint directory's name
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # what a request's fields start from
+
+
+def api_error(error: ServingError) -> ApiError:
+    """The HTTP answer to a batcher's error."""
+    if isinstance(error, QueueFull):
+        return ApiError(429, str(error), "rate_limit_error", None, "queue_full")
+    if isinstance(error, ShuttingDown):
+        return ApiError(503, str(error), "server_error")
+    assert isinstance(error, GenerationFailed), error
+    return ApiError(500, str(error), "server_error")
 
 
 class _ClientGone(Exception):
@@ -82,7 +94,10 @@ class _Waiter:
             if not get.done():
                 get.cancel()
         if get in done:
-            return get.result()
+            index, kind, payload = get.result()
+            if kind == "error" and isinstance(payload, ServingError):
+                payload = api_error(payload)
+            return index, kind, payload
         if self.gone in done:
             raise _ClientGone()
         self.metrics.add(timed_out=1)
@@ -173,10 +188,13 @@ def create_app(handle, settings: ServerSettings | None = None) -> Starlette:
 
         def parse() -> GenerationRequest:
             return parse_request(parse_json(raw), chat=chat, handle=handle, model_ids=model_ids,
-                                 limits=settings.limits, sampling_options=handle.sampling_options)
+                                 limits=settings.limits, defaults=settings.sampling)
 
         parsed = await asyncio.to_thread(parse)  # tokenising a long prompt must not stall the event loop
-        ticket = batcher.submit(parsed, asyncio.get_running_loop())
+        try:
+            ticket = batcher.submit(parsed, asyncio.get_running_loop())
+        except ServingError as error:
+            raise api_error(error) from None
         waiter = _Waiter(request, ticket, settings.timeout, metrics)
         if parsed.stream:
             return StreamingResponse(_event_stream(parsed, waiter), media_type="text/event-stream",

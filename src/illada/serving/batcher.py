@@ -12,6 +12,7 @@ at the next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import threading
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from illada.serving.metrics import Metrics
-from illada.serving.protocol import ApiError, GenerationRequest, RowResult, cut_at_stop
+from illada.serving.protocol import GenerationRequest, RowResult, cut_at_stop
 
 log = logging.getLogger("illada.serve")
 _unique = itertools.count()
@@ -34,10 +35,29 @@ class _Stopped(Exception):
     """Every row of an infill batch was cancelled: stop between passes."""
 
 
+class ServingError(Exception):
+    """What the worker reports instead of an answer; the app maps each kind to its HTTP status."""
+
+
+class QueueFull(ServingError):
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(f"the server is busy: {queued} rows are queued (limit {limit}); retry later")
+
+
+class ShuttingDown(ServingError):
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")
+
+
+class GenerationFailed(ServingError):
+    def __init__(self) -> None:
+        super().__init__("internal error while generating")
+
+
 @dataclass(eq=False)
 class Ticket:
     """One HTTP request: its rows' results come back on `queue` as (row index, kind, payload) tuples, kind being
-    "text" (a streamed delta), "canvas" (a denoising update), "done" (a RowResult) or "error" (an ApiError)."""
+    "text" (a streamed delta), "canvas" (a denoising update), "done" (a RowResult) or "error" (a ServingError)."""
 
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
@@ -70,8 +90,8 @@ class Row:
     dropped: bool = False  # cancelled, and counted
 
 
-def schedule(options: dict) -> tuple[tuple, bool]:
-    """(batch key, block mode) of a request's rows.
+def schedule(config) -> tuple[tuple, bool]:
+    """(batch key, block mode) of a request's rows, from its `SamplingConfig` (or InfillConfig).
 
     Block mode: a variable-length generation is exactly the same when cut after any block and resumed with the
     finished blocks as part of the prompt (each block is denoised from the canvas so far alone; caches are
@@ -81,12 +101,12 @@ def schedule(options: dict) -> tuple[tuple, bool]:
     only), and a seeded stochastic request, which runs alone: its random draws would depend on the other rows
     of a batch, and a seed promises a reproducible answer.
     """
-    stochastic = options.get("temperature", 0.0) > 0 or options.get("remasking") == "random"
-    seeded = stochastic and options.get("seed") is not None
-    by_block = bool(options.get("variable_length")) and not options.get("cfg_scale") and not seeded
-    skip = {"gen_length", "stop_strings"} if by_block else set()
-    key = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
-                       for k, v in options.items() if k not in skip))
+    seeded = config.is_random and config.seed is not None
+    by_block = bool(getattr(config, "variable_length", False)) and not config.cfg_scale and not seeded
+    if by_block:  # the block that all rows run is what must agree, not each row's budget
+        config = config.replace(gen_length=1, block_length=config.resolved_block_length,
+                                steps=config.resolved_steps, stop_strings=())
+    key = (type(config).__name__,) + tuple(dataclasses.astuple(config))
     if seeded:
         key += (("alone", next(_unique)),)
     return key + (("by_block", by_block),), by_block
@@ -145,9 +165,8 @@ class Batcher:
         tokenizer = handle.tokenizer
         self._decode = tokenizer.decode
         self._mask_id = handle.mask_token_id
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._mask_id
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else handle.config.eos_token_id
-        self._stop_ids = {t for t in (eos, tokenizer.eot_token_id) if t is not None}
+        self._pad_id = handle.special.prompt_pad
+        self._stop_ids = set(handle.special.stops)
 
     # -- event-loop side -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -164,28 +183,27 @@ class Batcher:
                 row.ticket.cancelled = True
             self._cond.notify_all()
         for row in pending:
-            row.ticket.push(row.index, "error", ApiError(503, "the server is shutting down", "server_error"))
+            row.ticket.push(row.index, "error", ShuttingDown())
         if self._thread is not None:
             self._thread.join(timeout)
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Ticket:
-        """Queue the request's rows; raises ApiError 429 when the queue is full (a request larger than the whole
+        """Queue the request's rows; raises QueueFull when the queue is full (a request larger than the whole
         queue is still taken when the queue is empty, so it is never refused forever)."""
         self.start()  # normally started by the app's lifespan already
         ticket = Ticket(request, loop)
-        key, by_block = schedule(request.options)
+        key, by_block = schedule(request.config)
         if request.infill is not None:  # canvases with holes: batched only with each other, run whole
             rows = [Row(ticket, i, [], key + (("infill", True),), False) for i in range(len(request.infill))]
         else:
-            rows = [Row(ticket, i, tokens, key, by_block, self._budget(tokens, request.options["gen_length"]))
+            rows = [Row(ticket, i, tokens, key, by_block, self._budget(tokens, request.config.gen_length))
                     for i, tokens in enumerate(request.rows)]
         with self._cond:
             if self._stopping:
-                raise ApiError(503, "the server is shutting down", "server_error")
+                raise ShuttingDown()
             if self._pending and len(self._pending) + len(rows) > self.queue_size:
                 self.metrics.add(rejected=1)
-                raise ApiError(429, f"the server is busy: {len(self._pending)} rows are queued (limit "
-                                    f"{self.queue_size}); retry later", "rate_limit_error", None, "queue_full")
+                raise QueueFull(len(self._pending), self.queue_size)
             self._pending.extend(rows)
             self._cond.notify_all()
         return ticket
@@ -265,8 +283,7 @@ class Batcher:
                 log.exception("generation failed")
                 for row in rows:
                     row.finished = True
-                    row.ticket.push(row.index, "error", ApiError(500, "internal error while generating",
-                                                                 "server_error"))
+                    row.ticket.push(row.index, "error", GenerationFailed())
             finally:
                 self.metrics.add(busy_seconds=time.perf_counter() - began)
             with self._cond:  # a whole batch is over; block-mode rows with budget left stay for the next block
@@ -282,11 +299,13 @@ class Batcher:
             self._run_infill(rows)
             return
         by_block = rows[0].by_block
-        options = dict(rows[0].ticket.request.options)
+        config = rows[0].ticket.request.config
         budgets = None
         if by_block:  # one block; stop strings are checked here on the whole text, which spans blocks
-            options.update(gen_length=options["block_length"], stop_strings=())
-            budgets = [min(options["block_length"], row.left) for row in rows]  # a shorter last block
+            block = config.resolved_block_length
+            config = config.replace(gen_length=block, block_length=block, steps=config.resolved_steps,
+                                    stop_strings=())
+            budgets = [min(block, row.left) for row in rows]  # a shorter last block
         for row in rows:
             if row.ticket.request.stream and row.text is None:
                 row.text = TextStream(lambda t: self._decode(t, skip_special_tokens=True), self._mask_id,
@@ -296,7 +315,7 @@ class Batcher:
         width = ids.shape[1]
         self.metrics.batch(len(rows))
         last_nfe = 0
-        events = stream(lm.model, ids, attention_mask=mask, decode=self._decode, row_budgets=budgets, **options)
+        events = stream(lm.model, ids, config=config, attention_mask=mask, decode=self._decode, row_budgets=budgets)
         try:
             for event in events:
                 self.metrics.add(nfe=event.nfe - last_nfe)
@@ -326,7 +345,7 @@ class Batcher:
         try:
             texts, output = self.handle.fill_pieces(
                 [row.ticket.request.infill[row.index] for row in rows], callback=step,
-                **rows[0].ticket.request.options)
+                config=rows[0].ticket.request.config)
         except _Stopped:
             self.metrics.add(batches_stopped=1)
             return

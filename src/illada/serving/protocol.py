@@ -5,6 +5,7 @@ Validation is explicit (no schema library) so every mistake gets one message nam
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -12,23 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from illada.errors import IlladaError
+from illada.sampling.config import SamplingConfig
 
-# Sampler knobs accepted as extra body fields: name -> (kind, constraint). Temperature, top_p, seed, max_tokens
-# and stop are the OpenAI fields with the same meaning.
-SAMPLER_FIELDS: dict[str, tuple[str, Any]] = {
-    "steps": ("int", 1),
-    "block_length": ("int", 1),
-    "threshold": ("float", (0.0, 1.0)),
-    "factor": ("float", (0.0, None)),
-    "cache": ("choice", ("none", "prefix", "dual")),
-    "cache_refresh": ("int", 1),
-    "variable_length": ("bool", None),
-    "remasking": ("choice", ("low_confidence", "random", "margin", "entropy")),
-    "cfg_scale": ("float", (0.0, None)),
-    "top_k": ("int", 1),
-    "eos_confidence": ("choice", ("normal", "neg_inf")),
-    "forbid_eos": ("bool", None),
-}
+# Sampler knobs accepted as extra body fields: the SamplingConfig fields with a wire name (their types, choices and
+# bounds come from there). Temperature, top_p, seed, max_tokens and stop are the OpenAI fields of the same meaning.
+SAMPLER_FIELDS: dict[str, dataclasses.Field] = {f.metadata["wire"] or f.name: f
+                                                for f in SamplingConfig.user_fields("wire")}
 # OpenAI fields we accept and ignore (they have no meaning for this sampler or carry bookkeeping only).
 IGNORED_FIELDS = {"user", "presence_penalty", "frequency_penalty", "logit_bias", "metadata", "store",
                   "service_tier", "parallel_tool_calls", "response_format"}
@@ -82,7 +72,7 @@ class GenerationRequest:
     rows: list[list[int]]  # row i is choice i: prompt i // n
     prompt_tokens: list[int]  # per row
     n: int  # choices per prompt
-    options: dict  # SamplingConfig fields, complete (handle defaults applied)
+    config: Any  # SamplingConfig (an InfillConfig for infill requests), with the model's token ids
     stop: tuple[str, ...] = ()
     stream: bool = False
     stream_canvas: bool = False
@@ -196,19 +186,20 @@ def read_stop(body: dict) -> tuple[str, ...]:
 
 
 def read_sampler_fields(body: dict) -> dict:
-    """The illada sampler knobs present in the body, type-checked (null means the default)."""
+    """The illada sampler knobs present in the body, type-checked (null means the default), by field name."""
     options: dict = {}
-    for name, (kind, rule) in SAMPLER_FIELDS.items():
-        if body.get(name) is None:
+    for wire, f in SAMPLER_FIELDS.items():
+        if body.get(wire) is None:
             continue
-        if kind == "int":
-            options[name] = read_int(body, name, None, low=rule)
-        elif kind == "float":
-            options[name] = read_float(body, name, None, *rule)
+        kind, meta = str(f.type), f.metadata
+        if meta["choices"]:
+            options[f.name] = read_choice(body, wire, meta["choices"])
         elif kind == "bool":
-            options[name] = read_bool(body, name, False)
+            options[f.name] = read_bool(body, wire, False)
+        elif kind.startswith("int"):
+            options[f.name] = read_int(body, wire, None, meta["low"], meta["high"])
         else:
-            options[name] = read_choice(body, name, rule)
+            options[f.name] = read_float(body, wire, None, meta["low"], meta["high"])
     return options
 
 
@@ -274,15 +265,13 @@ def _completion_prompts(body: dict, encode: Callable[[str], list[int]], vocab_si
 
 
 def parse_request(body: dict, *, chat: bool, handle, model_ids: tuple[str, ...], limits: Limits,
-                  sampling_options: Callable[[dict], dict]) -> GenerationRequest:
+                  defaults: SamplingConfig | None = None) -> GenerationRequest:
     """Validate an OpenAI completions / chat request against the model and the limits.
 
-    `sampling_options(dict) -> dict` completes the options with the model's defaults (DiffusionLM's). Raises
-    ApiError (400/404) with the offending field as `param`.
+    `defaults`: the server's sampler settings (`illada serve`'s flags), under the request's fields; `handle` (a
+    DiffusionLM) completes them with its token ids. Raises ApiError (400/404) with the offending field as
+    `param`.
     """
-    from illada.sampling import SamplingConfig
-    from illada.sampling.blocks import plan_blocks
-
     check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
     model = body.get("model", model_ids[0])
     if not isinstance(model, str):
@@ -291,7 +280,7 @@ def parse_request(body: dict, *, chat: bool, handle, model_ids: tuple[str, ...],
         raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_ids[0]}'",
                        "invalid_request_error", "model", "model_not_found")
     if not chat and (read_bool(body, "illada_infill", False) or body.get("suffix") not in (None, "")):
-        return _parse_infill(body, model, handle, limits)
+        return _parse_infill(body, model, handle, limits, defaults)
     tokenizer = handle.tokenizer
     if chat:
         messages = body.get("messages")
@@ -347,25 +336,22 @@ def parse_request(body: dict, *, chat: bool, handle, model_ids: tuple[str, ...],
                   f"(model context {context})", "messages" if chat else "prompt", "context_length_exceeded")
     if min(len(p) for p in prompts) == 0:
         raise bad("the prompt is empty", "messages" if chat else "prompt", "invalid_value")
+    # Each row's budget is max_tokens capped by the context after its own prompt, in both modes (the sampler and
+    # the batcher do it per row; finish_reason "length" then means that budget was used up).
     try:
-        options = sampling_options(options)
-        # Each row's budget is max_tokens capped by the context after its own prompt, in both modes (the sampler
-        # and the batcher do it per row; finish_reason "length" then means that budget was used up).
-        config = SamplingConfig(**options)
-        for tokens in prompts:
-            plan_blocks(len(tokens), config.gen_length, config.block_length, config.steps, config.variable_length,
-                        context, config.threshold is None and config.factor is None)
+        config = handle.sampling_config(defaults, **options)
     except IlladaError as error:
         raise bad(str(error)) from None
 
     rows = [list(p) for p in prompts for _ in range(n)]
     prefix = "chatcmpl-" if chat else "cmpl-"
     return GenerationRequest(chat=chat, model=model, rows=rows, prompt_tokens=[len(r) for r in rows], n=n,
-                             options=options, stop=stop, stream=stream, stream_canvas=stream_canvas,
+                             config=config, stop=stop, stream=stream, stream_canvas=stream_canvas,
                              include_usage=include_usage, id=prefix + uuid.uuid4().hex[:24])
 
 
-def _parse_infill(body: dict, model: str, handle, limits: Limits) -> GenerationRequest:
+def _parse_infill(body: dict, model: str, handle, limits: Limits,
+                  defaults: SamplingConfig | None) -> GenerationRequest:
     """An infill completion: OpenAI's insert mode (`suffix`: max_tokens tokens between `prompt` and `suffix`,
     answered as the inserted text) or, with `"illada_infill": true`, a prompt with `<|mask:N|>` holes
     (answered as the whole text with its holes filled). Not streamed."""
@@ -416,9 +402,10 @@ def _parse_infill(body: dict, model: str, handle, limits: Limits) -> GenerationR
     if options.get("cache", "none") != "none":
         raise bad("'cache' must be 'none' for infill requests (holes can sit anywhere, so there is no cached "
                   "prefix)", "cache", "unsupported_parameter")
+    shared = {} if defaults is None else {name: getattr(defaults, name) for name in InfillConfig.option_names()
+                                          if hasattr(defaults, name) and name not in ("steps", "cache")}
     try:
-        options = handle.infill_options(options)
-        InfillConfig(**options)
+        config = handle.infill_config(**{**shared, **options})
     except IlladaError as error:
         raise bad(str(error), None, "invalid_value") from None
     try:
@@ -428,7 +415,7 @@ def _parse_infill(body: dict, model: str, handle, limits: Limits) -> GenerationR
     pieces = [list(p) for p in rows for _ in range(n)]
     context = [int(m.sum()) - sum(e - s for s, e in spans) for m, spans in zip(mask, holes)]
     return GenerationRequest(chat=False, model=model, rows=[[] for _ in pieces],
-                             prompt_tokens=[c for c in context for _ in range(n)], n=n, options=options, infill=pieces,
+                             prompt_tokens=[c for c in context for _ in range(n)], n=n, config=config, infill=pieces,
                              infill_whole=placeholders, id="cmpl-" + uuid.uuid4().hex[:24])
 
 
