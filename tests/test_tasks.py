@@ -307,6 +307,23 @@ def test_ar_decoding_of_a_padded_batch_equals_full_recompute_per_row():
     assert text[0] == lm.generate("ab", max_new_tokens=5) and math.isfinite(out.tokens_per_forward)
 
 
+def test_ar_budget_per_row_near_the_context_end():
+    """Prompts of 200 and 238 tokens, context 256, 32 new tokens: the short row gets its 32 tokens as alone (the
+    padded width does not cut it), the long one the 18 its own prompt leaves, with a note."""
+    from illada.sampling import left_pad
+    from illada.sampling.autoregressive import greedy_generate_ar
+
+    lm = tiny_lm(causal=True, seed=4)
+    prompts = [[(7 * i) % 200 + 20 for i in range(200)], [(11 * i) % 200 + 20 for i in range(238)]]
+    ids, mask = left_pad(prompts, 0)
+    out = greedy_generate_ar(lm.model, ids, 32, attention_mask=mask)
+    assert out.budgets.tolist() == [32, 18] and out.generated_lengths.tolist() == [32, 18]
+    assert len(out.notes) == 1 and "row 1: max_new_tokens 32 capped to 18" in out.notes[0]
+    for row, prompt in enumerate(prompts):
+        alone = naive_ar(lm.model, prompt, int(out.budgets[row]))[len(prompt):]
+        assert out.sequences[row, ids.shape[1]:ids.shape[1] + len(alone)].tolist() == alone
+
+
 def test_eval_cli_passes_every_sampler_knob_to_the_sampler(tmp_path, monkeypatch, capsys):
     from illada.api import DiffusionLM as Handle
     from illada.checkpoint import save_checkpoint

@@ -99,13 +99,9 @@ class DiffusionLM:
             if self.config.causal:  # an autoregressive twin: greedy left to right, the diffusion knobs do not apply
                 from illada.sampling.autoregressive import greedy_generate_ar
 
-                budget = min(cfg.gen_length, self.config.max_seq_len - ids.shape[1])
-                output = greedy_generate_ar(self.model, ids, budget, eos_token_id=cfg.eos_token_id,
+                # each row's budget capped by the context after its own prompt, with a note (as the sampler does)
+                output = greedy_generate_ar(self.model, ids, cfg.gen_length, eos_token_id=cfg.eos_token_id,
                                             attention_mask=mask)
-                if budget < cfg.gen_length:
-                    output.notes = [f"max_new_tokens {cfg.gen_length} capped to {budget}: the prompt "
-                                    f"({ids.shape[1]} tokens) leaves {budget} of the model context "
-                                    f"({self.config.max_seq_len} tokens)"]
             else:
                 # the sampler checks prompt + budget against the context (illada.sampling.blocks.plan_blocks)
                 output = generate(self.model, ids, config=cfg, attention_mask=mask, decode=self.tokenizer.decode,

@@ -61,7 +61,9 @@ def _forward_new(model: Transformer, ids: torch.Tensor, start: int, cache: _Grow
 def greedy_generate_ar(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int,
                        eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None) -> GenerationOutput:
     """Greedy continuation of prompts (B, P), left-padded with `attention_mask` (B, P) as in `generate`, by a
-    causal model; stops when every row has emitted EOS. A padded row gives what it gives alone.
+    causal model; stops when every row has emitted EOS or used its budget. Each row's budget is max_new_tokens
+    capped by the context after its own prompt (`output.budgets`; a note when capped), so a padded row gives what
+    it gives alone.
 
     `nfe` counts forward passes (prefill + one per further token)."""
     cfg = model.config
@@ -72,16 +74,23 @@ def greedy_generate_ar(model: Transformer, prompt_ids: torch.Tensor, max_new_tok
     device = model.embed_tokens.weight.device
     prompt_ids = torch.as_tensor(prompt_ids, device=device).long()
     b, p = prompt_ids.shape
-    if p < 1 or p + max_new_tokens > cfg.max_seq_len:
-        raise IlladaError(f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) must fit the context "
-                          f"({cfg.max_seq_len}) and the prompt must not be empty")
-    key_valid = None
     if attention_mask is not None:
         attention_mask = torch.as_tensor(attention_mask, device=device).bool()
         if attention_mask.shape != prompt_ids.shape:
             raise IlladaError("attention_mask must have the shape of prompt_ids")
-        if not bool(attention_mask.all()):
-            key_valid = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], dim=1)
+    lens = attention_mask.sum(-1) if attention_mask is not None else torch.full((b,), p, device=device)
+    if p < 1 or int(lens.min()) < 1:
+        raise IlladaError("the prompt must not be empty")
+    if int(lens.max()) >= cfg.max_seq_len:
+        raise IlladaError(f"the prompt ({int(lens.max())} tokens) fills the model context ({cfg.max_seq_len} tokens)")
+    budgets = (cfg.max_seq_len - lens).clamp(max=max_new_tokens)
+    notes = [f"{f'row {r}: ' if b > 1 else ''}max_new_tokens {max_new_tokens} capped to {int(budgets[r])}: the "
+             f"prompt ({int(lens[r])} tokens) leaves {int(budgets[r])} of the model context ({cfg.max_seq_len} "
+             "tokens)" for r in range(b) if int(budgets[r]) < max_new_tokens]
+    max_new_tokens = int(budgets.max())
+    key_valid = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        key_valid = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], dim=1)
     if key_valid is None:
         positions = torch.arange(p, device=device).expand(b, p)
     else:
@@ -96,22 +105,30 @@ def greedy_generate_ar(model: Transformer, prompt_ids: torch.Tensor, max_new_tok
         token = logits.argmax(-1)
         out[:, t] = token
         produced = t + 1
+        finished |= budgets <= produced
         if eos_token_id is not None:
             finished |= token == eos_token_id
-            if bool(finished.all()):
-                break
+        if bool(finished.all()):
+            break
         if t + 1 < max_new_tokens:
             column = p + t
             logits = _forward_new(model, token[:, None], column, cache, next_position + t,
                                   None if key_valid is None else key_valid[:, :column + 1])
             nfe += 1
     gen = out[:, :produced]
+    in_budget = torch.arange(produced, device=device)[None, :] < budgets[:, None]
     if eos_token_id is not None:
-        is_eos = gen == eos_token_id
-        lengths = torch.where(is_eos.any(-1), is_eos.long().argmax(-1), torch.full((b,), produced, device=device))
+        is_eos = (gen == eos_token_id) & in_budget
+        lengths = torch.where(is_eos.any(-1), is_eos.long().argmax(-1), budgets.clamp(max=produced))
     else:
-        lengths = torch.full((b,), produced, device=device)
+        lengths = budgets.clamp(max=produced)
+    # past a row's stop or budget: its EOS, then padding (the columns another row of the batch still used)
+    pad = eos_token_id if eos_token_id is not None else 0
+    gen = torch.where(torch.arange(produced, device=device)[None, :] < lengths[:, None] + (eos_token_id is not None),
+                      gen, torch.full_like(gen, pad))
     # a row's own passes: one per token it generated, its EOS included (the prefill gives the first)
-    row_nfe = torch.clamp(lengths + 1, max=nfe) if eos_token_id is not None else torch.full_like(lengths, nfe)
+    ended = lengths < budgets.clamp(max=produced)  # stopped by EOS, which took one more pass
+    row_nfe = torch.clamp(lengths + ended.long(), min=1, max=nfe)
     return GenerationOutput(sequences=torch.cat([prompt_ids, gen], dim=1), nfe=nfe, generated_lengths=lengths,
-                            tokens_per_forward=produced / nfe, prompt_length=p, row_nfe=row_nfe)
+                            tokens_per_forward=produced / nfe, prompt_length=p, row_nfe=row_nfe, budgets=budgets,
+                            notes=notes)
