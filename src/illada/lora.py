@@ -45,15 +45,16 @@ def parse_targets(text: str, flag: str = "--lora-targets") -> list[str]:
     return names
 
 
-def check_settings(r: int, alpha: int, dropout: float, targets: str) -> None:
+def check_settings(r: int, alpha: int, dropout: float, targets: str, where: str = "train") -> None:
+    """The LoRA settings of a run (`where`: the command named in the messages)."""
     if r < 0:
-        raise IlladaError(f"train: lora_r (--lora-r) must be >= 0 (0: no LoRA), got {r}")
+        raise IlladaError(f"{where}: lora_r (--lora-r) must be >= 0 (0: no LoRA), got {r}")
     if r == 0:
         return
     if alpha <= 0:
-        raise IlladaError(f"train: lora_alpha (--lora-alpha) must be positive, got {alpha}")
+        raise IlladaError(f"{where}: lora_alpha (--lora-alpha) must be positive, got {alpha}")
     if not 0.0 <= dropout < 1.0:
-        raise IlladaError(f"train: lora_dropout (--lora-dropout) must be in [0, 1), got {dropout}")
+        raise IlladaError(f"{where}: lora_dropout (--lora-dropout) must be in [0, 1), got {dropout}")
     parse_targets(targets)
 
 

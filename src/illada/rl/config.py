@@ -8,11 +8,18 @@ from typing import Any
 
 from illada.config import type_mismatch
 from illada.errors import IlladaError
+from illada.lora import TARGETS as LORA_TARGETS, check_settings as check_lora
 
 
 @dataclass
 class RLConfig:
     init_from: str = ""  # checkpoint (or run directory: its latest checkpoint) to start from; also the KL reference
+    # LoRA (the `lora` extra, PEFT): train only low-rank adapters on the frozen init_from model; the KL reference is
+    # then that base itself (the adapters switched off), not a second copy
+    lora_r: int = 0  # LoRA rank; 0: off (the whole model is trained). Checkpoints then hold only the adapters, in PEFT's format
+    lora_alpha: int = 16  # LoRA scale: the update is (lora_alpha / lora_r) B A
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = ",".join(LORA_TARGETS)  # comma-separated Linear layers that get adapters (attention and MLP projections)
     data: str = ""  # JSONL of prompts with answers, records of the `task` kind of `illada eval`
     task: str = "gsm8k"  # gsm8k: {"question", "answer": "... #### N"} | exact: {"prompt", "answer"} (exact text)
     eval_data: str | None = None  # held-out JSONL of the same form: greedy accuracy every eval_every steps
@@ -78,6 +85,7 @@ class RLConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise IlladaError(f"rl: {name} must be a positive integer, got {value!r}")
+        check_lora(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets, where="rl")
         if self.group_size < 2:
             raise IlladaError("rl: group_size must be >= 2 (advantages are relative within a group)")
         for name in ("lr", "clip", "kl_coef", "weight_decay", "grad_clip", "temperature", "prompt_mask_prob"):

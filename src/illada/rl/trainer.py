@@ -6,6 +6,12 @@ optimizer steps on the clipped surrogate of the chosen log-likelihood estimator 
 by the old policy, the new policy and the reference). The prompts, rollouts and masks of step k depend only on
 (seed, k) and the weights, so a resumed run repeats the uninterrupted one exactly. Checkpoints are the training
 checkpoints of `illada train` (atomic, model + optimizer + state) and load as models.
+
+With `lora_r` > 0 the policy is the init_from model with PEFT LoRA adapters (B zero at step 0: the base exactly),
+only they are trained and checkpointed (PEFT's format, as `illada sft --lora-r` writes it; `--adapter` and `illada
+merge` take the run), and the KL reference is the same base with the adapters switched off (PEFT's
+`disable_adapter()`): no second copy of the weights is held. The inner updates draw LoRA dropout from a generator
+seeded by (seed, step, rank), so resume stays exact with dropout too.
 """
 from __future__ import annotations
 
@@ -81,14 +87,29 @@ class RLTrainer:
         if self.lm.config.causal:
             raise IlladaError("rl: the model is causal (autoregressive); illada rl trains masked diffusion models")
         self.model = self.lm.model
+        self.peft = None  # with lora_r: the PeftModel around self.model (adapters injected in place), its base frozen
+        self.reference = None  # without LoRA: a frozen copy of the start checkpoint, the KL reference
+        if cfg.lora_r:
+            from illada.lora import wrap
+
+            self.peft = wrap(self.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                             base=str(self.init_path.resolve()), seed=cfg.seed)
+            if self.env.is_main:
+                trained, total = sum(p.numel() for p in self.model.parameters() if p.requires_grad), \
+                    self.model.num_parameters()
+                print(f"illada: LoRA r={cfg.lora_r} on {cfg.lora_targets}: {trained:,} trainable parameters "
+                      f"({100 * trained / total:.2f}% of {total:,}); the KL reference is the base, adapters off",
+                      file=sys.stderr)
+        else:
+            self.reference = illada.load(self.init_path, device=device).model.eval().requires_grad_(False)
         self.wrapped = apply_ddp(self.model, self.env, device) if self.env.enabled else self.model
-        self.reference = illada.load(self.init_path, device=cfg.device).model.eval().requires_grad_(False)
         self.samples = load_samples(cfg.data, cfg.task)
         if len(self.samples) < cfg.prompts_per_step:
             raise IlladaError(f"rl: {cfg.data} has {len(self.samples)} records, fewer than prompts_per_step "
                               f"({cfg.prompts_per_step})")
         self.eval_samples = load_samples(cfg.eval_data, cfg.task)[: cfg.eval_limit] if cfg.eval_data else None
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters alone
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.99))
         self.stop_request = StopRequest(self.env, device)
 
@@ -148,7 +169,7 @@ class RLTrainer:
         masks = self.estimator.draw(batch, torch.Generator().manual_seed(_seed(cfg.seed, step, 37, self.env.rank)))
         with torch.no_grad():
             old = self.estimator.token_terms(self.model, batch, masks, mask_id)
-            ref = self.estimator.token_terms(self.reference, batch, masks, mask_id)
+            ref = self._reference_terms(batch, masks, mask_id)
             entropy = self._entropy(batch, mask_id)
         lengths = batch.completion_lengths
         self.model.train()
@@ -162,16 +183,19 @@ class RLTrainer:
         # since Adam's momentum would otherwise keep moving the weights on a zero gradient
         informative = any_rank(bool(advantages.abs().max() > 0) or cfg.kl_coef > 0, self.env,
                                self.lm.device)
-        for _ in range(cfg.inner_updates if informative else 0):
-            new = self.estimator.token_terms(self.wrapped, batch, masks, mask_id)
-            loss, stats = self._loss(new, old, advantages, batch, ref)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-            if not math.isfinite(grad_norm):
-                raise IlladaError(f"rl: non-finite gradients at step {step + 1}; lower the lr")
-            self.optimizer.step()
-            stats["updated"] = 1.0
+        devices = [self.lm.device] if self.lm.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # LoRA dropout: its noise is a function of (seed, step, rank)
+            torch.manual_seed(_seed(cfg.seed, step, 41, self.env.rank))
+            for _ in range(cfg.inner_updates if informative else 0):
+                new = self.estimator.token_terms(self.wrapped, batch, masks, mask_id)
+                loss, stats = self._loss(new, old, advantages, batch, ref)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip))
+                if not math.isfinite(grad_norm):
+                    raise IlladaError(f"rl: non-finite gradients at step {step + 1}; lower the lr")
+                self.optimizer.step()
+                stats["updated"] = 1.0
         rows = output.row_nfe.float().clamp(min=1) if output.row_nfe is not None else torch.ones(len(tokens))
         per_rollout = {"reward": rewards, "completion_tokens": lengths.float().cpu(),
                        "tokens_per_forward": output.generated_lengths.float().cpu() / rows.cpu(),
@@ -187,6 +211,13 @@ class RLTrainer:
             if f"reward/{name}" in record:
                 record["accuracy"] = record[f"reward/{name}"]
         return record
+
+    def _reference_terms(self, batch: ScoredBatch, masks: list[torch.Tensor], mask_id: int) -> torch.Tensor:
+        """The reference's per-position terms: the frozen copy, or with LoRA the base with its adapters off."""
+        if self.peft is None:
+            return self.estimator.token_terms(self.reference, batch, masks, mask_id)
+        with self.peft.disable_adapter():
+            return self.estimator.token_terms(self.model, batch, masks, mask_id)
 
     def _loss(self, new: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, batch: ScoredBatch,
               ref: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -222,17 +253,34 @@ class RLTrainer:
 
     # ------------------------------------------------------------------------------------------------ loop
     def save(self, step: int, history_tail: dict | None) -> Path:
-        state = {name: p.detach().clone() for name, p in self.model.state_dict().items()}
+        if self.peft is not None:  # the adapters alone: the base is init_from's, unchanged
+            state = {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
+        else:
+            state = {name: p.detach().clone() for name, p in self.model.state_dict().items()}
         training_state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
         trainer_state = {"step": step, "tokens": 0, "kind": "rl", "init_from": str(self.init_path),
                          "last": history_tail}
+        if self.peft is not None:
+            trainer_state["lora"] = True
         return save_training_checkpoint(self.out_dir, step, state, training_state, trainer_state,
                                         self.lm.config, self.cfg.to_dict(), tokenizer=self.lm.tokenizer,
-                                        keep=self.cfg.keep_checkpoints)
+                                        keep=self.cfg.keep_checkpoints, adapter=self.peft)
 
     def restore(self, path: Path) -> int:
         model_state, training_state, trainer_state = load_training_checkpoint(path)
-        self.model.load_state_dict(model_state, strict=False)
+        if (self.peft is not None) != bool(trainer_state.get("lora")):
+            have, want = ("a LoRA", "full") if trainer_state.get("lora") else ("a full", "LoRA")
+            raise IlladaError(f"rl: {path} is {have} RL checkpoint; this run is {want} RL (--lora-r "
+                              f"{self.cfg.lora_r}): resume with the run's own settings")
+        if self.peft is not None:
+            from illada.lora import model_keys
+
+            model_state = model_keys(model_state, self.model, str(path))
+        try:
+            self.model.load_state_dict(model_state, strict=False)
+        except RuntimeError as error:  # another --lora-r: the adapters' shapes differ
+            detail = " ".join(str(error).split())[:200]
+            raise IlladaError(f"rl: {path} does not fit this run's model or LoRA settings ({detail})") from None
         self.optimizer.load_state_dict(training_state["optimizer"])
         torch.set_rng_state(training_state["torch_rng"])
         return int(trainer_state["step"])
