@@ -176,3 +176,15 @@ def test_special_tokens_resolved_once_tokenizer_first():
     assert (config.mask_id, config.eos_token_id, config.end_think_ids) == (
         tok.mask_token_id, tok.eos_token_id, tuple(tok.encode("</think>")))
     assert dataclasses.replace(config, mask_id=None).with_tokens(lm.special).mask_id == tok.mask_token_id
+
+
+def test_serve_refuses_an_autoregressive_model(tmp_path, capsys):
+    from illada.checkpoint import save_checkpoint
+
+    tok = byte_level_tokenizer()
+    config = preset("tiny", vocab_size=tok.vocab_size, max_seq_len=64, causal=True, mask_token_id=tok.mask_token_id,
+                    eos_token_id=tok.eos_token_id)
+    save_checkpoint(build_model(config, seed=0), config, tmp_path / "ar", tokenizer=tok)
+    assert cli.main(["serve", "--model", str(tmp_path / "ar"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "autoregressive" in err[0] and "illada generate" in err[0]

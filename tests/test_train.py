@@ -147,6 +147,10 @@ def test_ar_objective_trains_a_causal_model(dataset, tmp_path):
     result = train(tiny_config(dataset, tmp_path / "ar", objective="ar", steps=3, save_every=3, eval_every=3))
     assert all(math.isfinite(x) for x in result.losses)
     assert illada.load(result.checkpoint).config.causal is True
+    # an AR validation loss is an exact NLL: reported as perplexity, not as a bound
+    val = [json.loads(line) for line in (tmp_path / "ar" / "metrics.jsonl").read_text().splitlines()
+           if '"val"' in line][-1]
+    assert "ppl_bound" not in val and val["ppl"] == pytest.approx(math.exp(val["val_loss"]))
 
 
 @pytest.mark.parametrize("argv,message", [

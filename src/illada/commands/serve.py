@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)
     try:
         lm = load_model(args)
+        app = create_app(lm, settings)
     except BaseException:
         sock.close()
         raise
@@ -103,7 +104,6 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and not settings.api_key:
         print(f"illada: warning: listening on {args.host} without an API key: anyone who can reach it can use "
               f"the model (--api-key or ${API_KEY_ENV})", file=sys.stderr)
-    app = create_app(lm, settings)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"illada: serving {app.state.model_id} on http://{shown}:{port} · playground at / · OpenAI API at /v1",

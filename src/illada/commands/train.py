@@ -99,7 +99,9 @@ def run_config(config: TrainConfig) -> int:
     if result.val_loss is not None:
         import math
 
-        print(f"validation: {result.val_loss:.4f} nats/token (perplexity bound {math.exp(min(result.val_loss, 50)):.2f})")
+        # an AR model's loss is its exact NLL; a diffusion model's is an ELBO, so its perplexity is a bound
+        kind = "perplexity" if config.objective == "ar" else "perplexity bound"
+        print(f"validation: {result.val_loss:.4f} nats/token ({kind} {math.exp(min(result.val_loss, 50)):.2f})")
     if result.stopped_early:
         # non-zero so a script does not go on as if the run had finished; rerunning the command resumes it
         print("illada: stopped before the last step; run the same command again to resume", file=sys.stderr)

@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from illada.errors import IlladaError
 from illada.sampling.config import SamplingConfig
 from illada.serving.batcher import Batcher, GenerationFailed, QueueFull, ServingError, ShuttingDown, Ticket
 from illada.serving.metrics import Metrics
@@ -131,7 +132,11 @@ def _playground() -> str:
 
 def create_app(handle, settings: ServerSettings | None = None) -> Starlette:
     """The server app for a loaded `DiffusionLM` handle (illada.load). Its model worker starts with the app
-    (ASGI lifespan) and stops with it."""
+    (ASGI lifespan) and stops with it. An autoregressive (`--objective ar`) model is refused: the worker batches
+    diffusion canvases."""
+    if handle.config.causal:
+        raise IlladaError(f"{handle.name} is an autoregressive model (--objective ar): illada serve batches diffusion "
+                          "canvases; use illada generate or chat for it")
     settings = settings or ServerSettings()
     metrics = Metrics()
     batcher = Batcher(handle, settings.max_batch, settings.queue_size, metrics)

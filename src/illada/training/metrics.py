@@ -105,8 +105,10 @@ class TrainMetrics:
 
     def __init__(self, out_dir: Path, *, main: bool, log_every: int, start: int, end: int, total: int, tokens: int,
                  progress: bool, flops_per_token: float, peak_flops: float, elapsed: Callable[[], float],
-                 title: str) -> None:
+                 title: str, exact_likelihood: bool = False) -> None:
         self.out_dir, self.log_every, self.end, self.title = out_dir, log_every, end, title
+        # an AR model's validation loss is its exact NLL (perplexity); a diffusion model's an ELBO (a bound)
+        self.ppl_key = "ppl" if exact_likelihood else "ppl_bound"
         self.flops_per_token, self.peak_flops, self.elapsed = flops_per_token, peak_flops, elapsed
         # a fresh start over this very run's aborted first attempt drops its records, as a resume from step 0 would
         self.log = MetricsLog(out_dir, resume_step=start) if main else None
@@ -134,7 +136,7 @@ class TrainMetrics:
     def log_val(self, step: int, val_loss: float) -> None:
         if self.log:
             self.log.write({"kind": "val", "step": step, "val_loss": val_loss,
-                            "ppl_bound": math.exp(min(val_loss, 50.0))})
+                            self.ppl_key: math.exp(min(val_loss, 50.0))})
             self.plot()
 
     def plot(self) -> None:

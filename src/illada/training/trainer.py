@@ -376,7 +376,8 @@ class Trainer:
         metrics = TrainMetrics(self.out_dir, main=main, log_every=cfg.log_every, start=start, end=end,
                                total=cfg.steps, tokens=tokens, progress=cfg.progress,
                                flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
-                               elapsed=self._elapsed, title=f"{cfg.objective} · {self.model_config.name}")
+                               elapsed=self._elapsed, title=f"{cfg.objective} · {self.model_config.name}",
+                               exact_likelihood=cfg.objective == "ar")
         validator = Validator(cfg, self.val_source, self.model, self.wrapped, self.objective,
                               self.model_config.mask_token_id, self.device, self.autocast, metrics)
         checkpointer = Checkpointer(self.save, cfg.save_every, end, last=resume)
