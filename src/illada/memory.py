@@ -486,7 +486,9 @@ def plan_memory(config: ModelConfig, job: str, *, seq_len: int = 2048, batch: in
     forwards = ESTIMATOR_FORWARDS[estimator]
     rows = batch * group_size
     settings.update(group_size=group_size, estimator=estimator, cache=cache)
-    reference = w.total if full else w.total - w.trainable_bytes  # the reference has no adapters
+    # full RL: a frozen second copy as the KL reference; LoRA RL scores the reference with the adapters disabled
+    # (PEFT's disable_adapter), so it costs nothing more
+    reference = w.total if full else 0
     kv = kv_cache_bytes(config, rows, seq_len, rg.c) if cache != "none" else 0
     rollout, _ = _inference_peak(config, rows=rows, length=seq_len, c=rg.c, block=min(block_length, seq_len),
                                  cache=cache, prompt_len=prompt_len, quantize=quantize, sampling=True)
@@ -500,7 +502,8 @@ def plan_memory(config: ModelConfig, job: str, *, seq_len: int = 2048, batch: in
     phases = {"rollouts": grads + kv + rollout, "scoring (no grad)": grads + scoring,
               "entropy (no grad)": grads + entropy, f"update: {train.phase}": train.peak}
     phase = max(phases, key=phases.get)
-    items += [Item("reference", "reference model (KL)", reference, "a second copy, no grad"),
+    items += [Item("reference", "reference model (KL)", reference,
+                   "a second copy, no grad" if full else "the base, adapters disabled: no copy"),
               Item("rollouts", "rollouts (generation)", kv + rollout,
                    f"{rows} rows" + (f", {cache} KV cache" if kv else "")),
               Item("activations", "activations", train.saved + train.copies,
