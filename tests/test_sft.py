@@ -69,3 +69,21 @@ def test_sft_from_raw_chat_file_learns_the_reply(pretrained, capsys, fmt, object
 def test_sft_requires_a_checkpoint_to_start_from(pretrained, capsys):
     assert main(["sft", "--data", str(pretrained / "packed")]) == 2
     assert "--init-from" in capsys.readouterr().err
+
+
+def test_ar_twin_trains_on_a_pairs_dataset(pretrained, capsys):
+    """`--objective ar` on a pairs dataset is AR SFT (next-token loss on the responses): the twin of an sft-pairs
+    run on the same rows; a causal model trained so from scratch answers the question."""
+    root = pretrained
+    data = root / "sft-pairs-ar"
+    assert main(["prepare", str(root / "chat.jsonl"), "--kind", "sft", "--sft-format", "pairs",
+                 "--tokenizer", "bytes", "--out", str(data), "--quiet"]) == 0
+    out = root / "run-ar-pairs"
+    assert main(["train", "--data", str(data), "--out-dir", str(out), "--objective", "ar", "--steps", "60",
+                 "--lr", "1e-2", "--warmup-steps", "5", "--split-prob", "0", "--save-every", "60",
+                 "--eval-every", "60", *TINY]) == 0
+    losses = sft_losses(out)
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    lm = illada.load(latest_checkpoint(out))
+    assert lm.config.causal
+    assert lm.chat([{"role": "user", "content": QUESTION}], max_new_tokens=32) == ANSWER

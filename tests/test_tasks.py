@@ -32,16 +32,18 @@ def evaluate_expression(text: str) -> int:
             return walk(node.body)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](walk(node.left), walk(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -walk(node.operand)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -walk(node.operand) if isinstance(node.op, ast.USub) else walk(node.operand)
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
         raise ValueError(f"not arithmetic: {text!r}")
-    return walk(ast.parse(text, mode="eval"))
+    # the aligned working pads numbers with zeros, which Python's parser refuses in literals
+    return walk(ast.parse(re.sub(r"\b0+(\d)", r"\1", text), mode="eval"))
 
 
-def test_arithmetic_answers_are_right_and_working_is_true():
-    task = get_task("arithmetic")
+@pytest.mark.parametrize("variant", ["default", "aligned"])
+def test_arithmetic_answers_are_right_and_working_is_true(variant):
+    task = get_task("arithmetic", variant)
     records = make_records(task, "train", 3000, "eval", seed=5)
     templates = set()
     for record in records:
@@ -60,6 +62,12 @@ def test_arithmetic_answers_are_right_and_working_is_true():
         assert int(working.split(" = ")[-1]) == int(final)
     assert templates == {"N + N", "N - N", "N * N", "N + N * N", "(N + N) * N"}
     assert any(int(r["answer"].rsplit("#### ", 1)[1]) < 0 for r in records)  # A - B may be negative
+    if variant == "aligned":  # every number of a working line has its slot's fixed width
+        lines = [line for r in records for line in r["answer"].split("\n")[:-1]]
+        shapes = {re.sub(r"\d", "9", line) for line in lines}
+        assert shapes == {"99 + 99 = 999", "99 - 99 = +99", "99 - 99 = -99", "9999 + 9999 = 9999",
+                          "99 * 99 = 99 * 99 + 99 * 99 = 9999 + 9999 = 9999",
+                          "999 * 99 = 999 * 99 + 999 * 99 = 99999 + 99999 = 99999"}, shapes
 
 
 @pytest.mark.parametrize("name", list(TASKS))

@@ -132,6 +132,18 @@ def ar_loss(
     return ce.mean(), {"predicted_tokens": valid.sum().detach()}
 
 
+def ar_pairs_loss(model: nn.Module, input_ids: torch.Tensor,
+                  prompt_lengths: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """AR SFT on `prompt + response + EOS padding` rows (B, L): next-token cross-entropy on the response and its
+    padding only (the tokens an sft-pairs MDM is trained to fill), mean over them."""
+    logits = model(input_ids)
+    targets = torch.arange(1, input_ids.shape[1], device=input_ids.device)[None, :]
+    valid = targets >= prompt_lengths.to(input_ids.device)[:, None]
+    rows, cols = valid.nonzero(as_tuple=True)
+    ce = F.cross_entropy(logits[rows, cols].float(), input_ids[rows, cols + 1], reduction="none")
+    return ce.mean(), {"predicted_tokens": valid.sum().detach()}
+
+
 # ---------------------------------------------------------------------------------------- batch augmentations
 def random_split_segments(input_ids: torch.Tensor, prob: float = 0.3, *,
                           generator: torch.Generator | None = None) -> torch.Tensor:
@@ -227,7 +239,7 @@ class SFTPairsObjective:
 @dataclass(frozen=True)
 class AutoregressiveObjective:
     """Next-token prediction for the AR baseline; `split_prob` applies the same random split as the diffusion
-    objective so both see the same attention structure."""
+    objective so both see the same attention structure. On a pairs dataset: AR SFT (`ar_pairs_loss`)."""
 
     split_prob: float = 0.0
 
@@ -236,6 +248,8 @@ class AutoregressiveObjective:
 
     def __call__(self, model, batch, generator=None):
         input_ids = batch["input_ids"]
+        if "prompt_lengths" in batch:  # a pairs dataset: AR SFT, the loss on the responses
+            return ar_pairs_loss(model, input_ids, batch["prompt_lengths"])
         segment_ids = None
         if self.split_prob > 0:
             segments = random_split_segments(input_ids, self.split_prob, generator=generator)

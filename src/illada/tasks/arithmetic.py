@@ -3,6 +3,10 @@
 Templates (operands 0-99, usual precedence): A + B, A - B (may be negative), A * B, A + B * C, (A + B) * C, and
 word problems over the same operations. A product with two multi-digit factors is worked as
 `37 * 48 = 37 * 40 + 37 * 8 = 1480 + 296 = 1776`, so every step is a one-digit product or a sum.
+The `aligned` variant writes the same working with every number zero-padded to a fixed width per slot
+(`07 + 48 = 055`, `37 * 48 = 37 * 40 + 37 * 08 = 1480 + 0296 = 1776`, `34 - 07 = +27`): each digit then sits at a
+fixed offset from the digits it depends on, whatever the operands' lengths, which a model that fills positions in
+any order (masked diffusion) learns far sooner; the final `#### N` line is the plain number.
 The `choice` variant writes the multiple-choice form for `illada eval --task multiple_choice`: the working with
 the right result and three wrong ones (off by 1, off by 10, and two digits swapped or +100).
 Documents come in two surface forms, the `illada eval --task gsm8k` zero-shot prompt ("Question: ...\\nAnswer: ...")
@@ -20,8 +24,14 @@ ITEMS = ("apples", "books", "coins", "marbles", "pencils", "stamps", "shells", "
 BARE_SHARE = 0.25  # documents in the bare form (question, newline, working)
 
 
-def product_steps(a: int, b: int) -> str:
-    """`a * b = ...` worked so that each step is a product with a one-digit factor, or a sum."""
+def product_steps(a: int, b: int, width: int | None = None) -> str:
+    """`a * b = ...` worked so that each step is a product with a one-digit factor, or a sum. `width`: the aligned
+    form, `a` zero-padded to `width` digits, `b` to 2, the partial products and the product to width + 2, and the
+    split always written (a one-digit `b` is `00 + b`)."""
+    if width is not None:
+        tens, ones, w = b - b % 10, b % 10, width + 2
+        return (f"{a:0{width}d} * {b:02d} = {a:0{width}d} * {tens:02d} + {a:0{width}d} * {ones:02d} = "
+                f"{a * tens:0{w}d} + {a * ones:0{w}d} = {a * b:0{w}d}")
     if a < 10 or b < 10:
         return f"{a} * {b} = {a * b}"
     tens, ones = b - b % 10, b % 10
@@ -30,20 +40,46 @@ def product_steps(a: int, b: int) -> str:
     return f"{a} * {b} = {a} * {tens} + {a} * {ones} = {a * tens} + {a * ones} = {a * b}"
 
 
-def _word_problem(rng: random.Random, a: int, b: int, c: int) -> tuple[str, list[str], int]:
+class Working:
+    """The working lines of each operation: plain (`7 + 48 = 55`) or aligned (fixed-width, zero-padded)."""
+
+    def __init__(self, aligned: bool) -> None:
+        self.aligned = aligned
+
+    def add(self, a: int, b: int, width: int = 2) -> str:
+        if not self.aligned:
+            return f"{a} + {b} = {a + b}"
+        return f"{a:0{width}d} + {b:0{width}d} = {a + b:0{width + 1}d}"
+
+    def sub(self, a: int, b: int) -> str:
+        if not self.aligned:
+            return f"{a} - {b} = {a - b}"
+        return f"{a:02d} - {b:02d} = {'-' if a < b else '+'}{abs(a - b):02d}"
+
+    def mul(self, a: int, b: int, width: int = 2) -> str:
+        return product_steps(a, b, width if self.aligned else None)
+
+    def add_product(self, a: int, product: int) -> str:
+        """`a + b * c` after the product: 4 digits suffice (99 + 99 * 99 = 9900)."""
+        if not self.aligned:
+            return f"{a} + {product} = {a + product}"
+        return f"{a:04d} + {product:04d} = {a + product:04d}"
+
+
+def _word_problem(rng: random.Random, a: int, b: int, c: int, work: Working) -> tuple[str, list[str], int]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.randrange(4)
     if kind == 0:
         return (f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
-                [f"{a} + {b} = {a + b}"], a + b)
+                [work.add(a, b)], a + b)
     if kind == 1:
         return (f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?",
-                [f"{a} - {b} = {a - b}"], a - b)
+                [work.sub(a, b)], a - b)
     if kind == 2:
         return (f"{name} buys {a} boxes with {b} {item} in each box. How many {item} is that?",
-                [product_steps(a, b)], a * b)
+                [work.mul(a, b)], a * b)
     return (f"{name} has {a} {item} and buys {b} bags with {c} {item} in each bag. How many {item} does "
-            f"{name} have now?", [product_steps(b, c), f"{a} + {b * c} = {a + b * c}"], a + b * c)
+            f"{name} have now?", [work.mul(b, c), work.add_product(a, b * c)], a + b * c)
 
 
 def distractors(value: int) -> list[int]:
@@ -63,27 +99,28 @@ def with_result(working: list[str], value: int, wrong: int) -> str:
 class Arithmetic(Task):
     name = "arithmetic"
     eval_kind = "gsm8k"
-    variants = ("default", "choice")
+    variants = ("default", "aligned", "choice")
     # expression templates are drawn this often each; the rest are word problems
     weights = {"add": 2, "sub": 2, "mul": 3, "add_mul": 3, "paren_mul": 3, "word": 1}
 
     def example(self, rng: random.Random) -> Example:
         a, b, c = rng.randrange(100), rng.randrange(100), rng.randrange(100)
         kind = rng.choices(list(self.weights), weights=list(self.weights.values()))[0]
+        work = Working(aligned=self.variant == "aligned")
         if kind == "add":
-            question, steps, value = f"What is {a} + {b}?", [f"{a} + {b} = {a + b}"], a + b
+            question, steps, value = f"What is {a} + {b}?", [work.add(a, b)], a + b
         elif kind == "sub":
-            question, steps, value = f"What is {a} - {b}?", [f"{a} - {b} = {a - b}"], a - b
+            question, steps, value = f"What is {a} - {b}?", [work.sub(a, b)], a - b
         elif kind == "mul":
-            question, steps, value = f"What is {a} * {b}?", [product_steps(a, b)], a * b
+            question, steps, value = f"What is {a} * {b}?", [work.mul(a, b)], a * b
         elif kind == "add_mul":
-            question, steps, value = (f"What is {a} + {b} * {c}?",
-                                      [product_steps(b, c), f"{a} + {b * c} = {a + b * c}"], a + b * c)
+            question, steps, value = (f"What is {a} + {b} * {c}?", [work.mul(b, c), work.add_product(a, b * c)],
+                                      a + b * c)
         elif kind == "paren_mul":
-            question, steps, value = (f"What is ({a} + {b}) * {c}?",
-                                      [f"{a} + {b} = {a + b}", product_steps(a + b, c)], (a + b) * c)
+            question, steps, value = (f"What is ({a} + {b}) * {c}?", [work.add(a, b), work.mul(a + b, c, 3)],
+                                      (a + b) * c)
         else:
-            question, steps, value = _word_problem(rng, a, b, c)
+            question, steps, value = _word_problem(rng, a, b, c, work)
         working = "\n".join(steps) + f"\n#### {value}"
         bare = rng.random() < BARE_SHARE
         record = {"question": question, "answer": working}

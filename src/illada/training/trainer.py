@@ -106,6 +106,8 @@ class Trainer:
         holdout = 0 if cfg.val_data else cfg.val_rows
 
         def rows_of(data, path: str, holdout: int) -> PackedRows | PairRows:
+            if cfg.objective == "ar" and not isinstance(data, PackedTokens):
+                return PairRows(data, cfg.seq_len, holdout)  # AR SFT: the twin of an sft-pairs run
             if cfg.objective == "sft-pairs":
                 if isinstance(data, PackedTokens):
                     raise IlladaError("objective sft-pairs needs a 'pairs' dataset "
