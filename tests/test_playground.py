@@ -80,3 +80,41 @@ def test_playground_shows_the_denoising(tmp_path):
                 print(f"playground screenshot: {shot}")
         finally:
             browser.close()
+
+
+def test_playground_fills_holes_in_place(tmp_path):
+    """Infill mode: type a text with <|mask:N|> holes; the kept text shows from the first pass and the holes
+    resolve in place into exactly the library's infill."""
+    lm = tiny_handle()
+    text = "The capital of France is <|mask:3|>, a city known for <|mask:6|>."
+    want, output = lm.infill(text, return_output=True)
+    served = DiffusionLM(model=Slow(lm.model, 0.01), tokenizer=lm.tokenizer, config=lm.config, name=lm.name)
+    app = create_app(served, ServerSettings(api_key=KEY))
+    with sync_api.sync_playwright() as playwright:
+        browser_path = find_browser(playwright)
+        if browser_path is None:
+            pytest.skip("no Chromium found: set ILLADA_CHROMIUM, `playwright install chromium`, or "
+                        "`apt-get install chromium`")
+        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            with serve_in_thread(app) as url:
+                page = browser.new_page(viewport={"width": 1200, "height": 700})
+                page.goto(url + "/")
+                page.fill("#api_key", KEY)
+                page.fill("#prompt", text)
+                page.check("#infill")
+                page.evaluate("""() => { window.partialFrames = 0;
+                    new MutationObserver(() => {
+                        const c = document.getElementById('canvas');
+                        if (c.querySelector('.t') && c.querySelector('.m')) window.partialFrames += 1;
+                    }).observe(document.getElementById('canvas'), {childList: true, subtree: true}); }""")
+                page.click("#generate")
+                page.wait_for_selector("#status[data-state=done]", timeout=60_000)
+                assert page.inner_text("#canvas") == want
+                assert page.locator("#canvas .m").count() == 0
+                assert page.locator("#canvas .t").count() == output.filled  # the hole tokens, coloured by step
+                assert page.inner_text("#nfe") == str(output.nfe)
+                assert page.evaluate("window.partialFrames") > 0
+                page.screenshot(path=str(tmp_path / "playground-infill.png"), full_page=True)
+        finally:
+            browser.close()

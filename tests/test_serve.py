@@ -574,6 +574,29 @@ def test_placeholders_in_the_prompt_when_the_request_opts_in(server, lm):
     assert status == 200 and json.loads(text)["choices"][0]["text"] == lm.infill("x", "y", 3)
 
 
+@pytest.mark.parametrize("body, expect", [
+    ({"prompt": "The cat ", "suffix": " on the mat.", "max_tokens": 6},
+     lambda lm: lm.infill("The cat ", " on the mat.", 6, return_output=True)),
+    ({"prompt": TEMPLATE, "illada_infill": True, "max_tokens": 4}, lambda lm: lm.infill(TEMPLATE, return_output=True)),
+])
+def test_infill_streams_each_committed_pass(server, lm, body, expect):
+    """Streamed infill: the text deltas add up to the non-streamed answer (each sent once final: up to the first
+    position still masked), and the canvas updates replay the library's passes, one per pass."""
+    url, _ = server
+    status, text, _ = raw(url, "/v1/completions", {**body, "temperature": 0, "stream": True,
+                                                   "illada_stream_canvas": True})
+    assert status == 200 and text.endswith("data: [DONE]\n\n")
+    payloads = [json.loads(e[len("data: "):]) for e in text.split("\n\n") if e and e != "data: [DONE]"]
+    want, output = expect(lm)
+    updates = [p["illada"] for p in payloads if "commits" in p.get("illada", {})]
+    assert len(updates) == output.nfe and [u["step"] for u in updates] == list(range(output.nfe))
+    assert sum(len(u["commits"]) for u in updates) == output.filled  # every hole position committed once
+    deltas = [p["choices"][0]["text"] for p in payloads if p.get("choices") and p["choices"][0]["text"]]
+    assert "".join(deltas) == want
+    if body.get("illada_infill"):  # the text before the first hole is final from the first pass
+        assert len(deltas) > 1 and deltas[0].startswith("The capital of France is ")
+
+
 @pytest.mark.parametrize("body, param, code", [
     ({"prompt": "a <|mask:3", "illada_infill": True}, "prompt", "invalid_placeholder"),
     ({"prompt": "a <|mask:0|>", "illada_infill": True}, "prompt", "invalid_placeholder"),
@@ -584,7 +607,7 @@ def test_placeholders_in_the_prompt_when_the_request_opts_in(server, lm):
     ({"prompt": "a", "suffix": "b", "illada_infill": True}, "suffix", "invalid_value"),
     ({"prompt": "a", "suffix": 3}, "suffix", "invalid_type"),
     ({"prompt": [1, 2], "suffix": "b"}, "prompt", "invalid_type"),
-    ({"prompt": "a", "suffix": "b", "stream": True}, "stream", "unsupported_parameter"),
+    ({"prompt": "a", "suffix": "b", "illada_stream_canvas": True}, "illada_stream_canvas", "invalid_value"),
     ({"prompt": "a", "suffix": "b", "block_length": 4}, "block_length", "unsupported_parameter"),
     ({"prompt": "a", "suffix": "b", "cache": "prefix"}, "cache", "unsupported_parameter"),
     ({"prompt": "a", "suffix": "b", "steps": 2, "threshold": 0.5, "factor": 1.0}, None, "invalid_value"),

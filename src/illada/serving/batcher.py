@@ -335,12 +335,18 @@ class Batcher:
         """One batch of infill rows (`DiffusionLM.fill_pieces`): padded canvases, every row as it is alone."""
         self.metrics.batch(len(rows))
         seen = {"nfe": 0}
+        for row in rows:
+            if row.ticket.request.stream:
+                row.text = TextStream(lambda t: self._decode(t, skip_special_tokens=True), self._mask_id,
+                                      self._stop_ids, ())
 
         def step(event, mask) -> None:
             self.metrics.add(nfe=event.nfe - seen["nfe"])
             seen["nfe"] = event.nfe
             if all(self._cancelled(row) for row in rows):
                 raise _Stopped()
+            if not event.done and any(row.text is not None for row in rows):
+                self._infill_step(rows, event, mask)
 
         try:
             texts, output = self.handle.fill_pieces(
@@ -359,6 +365,30 @@ class Batcher:
             full = sum(e - s for s, e in output.spans[b])
             text = texts[b] if request.infill_whole else output.fills[b][0]
             self._answer(row, text, "length" if len(row.generated) == full else "stop")
+
+    def _infill_step(self, rows: list[Row], event, mask) -> None:
+        """Stream one pass over infill canvases: the text (the gap, or the whole text with its holes) is final up
+        to its first position still masked; `illada_stream_canvas` adds the commits (columns of the row's canvas,
+        padding left out)."""
+        for b, row in enumerate(rows):
+            if row.text is None or row.ticket.cancelled:
+                continue
+            real = mask[b].bool()
+            canvas, step_of = event.canvas[b][real].tolist(), event.step_of[b][real].tolist()
+            hole = [s >= 0 or t == self._mask_id for t, s in zip(canvas, step_of)]
+            request = row.ticket.request
+            # the whole text, or just the gap's tokens (insert mode: the one hole)
+            shown = canvas if request.infill_whole else [t for t, h in zip(canvas, hole) if h]
+            if request.stream_canvas:
+                columns = event.committed[b][real].nonzero().flatten().tolist()
+                commits = [[c, self._decode([canvas[c]]), event.step] for c in columns]
+                update = {"step": event.step, "nfe": event.nfe, "width": len(canvas), "commits": commits}
+                if event.step == 0:  # the text around the holes once: token texts, null for a hole
+                    update["initial"] = [None if h else self._decode([t]) for t, h in zip(canvas, hole)]
+                row.ticket.push(row.index, "canvas", update)
+            delta = row.text.update(shown)
+            if delta:
+                row.ticket.push(row.index, "text", delta)
 
     def _cancelled(self, row: Row) -> bool:
         if row.ticket.cancelled:

@@ -299,14 +299,7 @@ def parse_request(body: dict, *, chat: bool, handle, model_ids: tuple[str, ...],
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = read_int(body, name, limits.default_max_tokens, 1, limits.max_tokens)
     n = read_int(body, "n", 1, 1, limits.max_n)
-    stream = read_bool(body, "stream", False)
-    stream_canvas = read_bool(body, "illada_stream_canvas", False)
-    if stream_canvas and not stream:
-        raise bad("'illada_stream_canvas' needs 'stream': true", "illada_stream_canvas", "invalid_value")
-    stream_options = body.get("stream_options")
-    if stream_options is not None and not isinstance(stream_options, dict):
-        raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
-    include_usage = read_bool(stream_options or {}, "include_usage", False)
+    stream, stream_canvas, include_usage = _read_stream(body)
     stop = read_stop(body)
 
     options = read_sampler_fields(body)
@@ -350,11 +343,24 @@ def parse_request(body: dict, *, chat: bool, handle, model_ids: tuple[str, ...],
                              include_usage=include_usage, id=prefix + uuid.uuid4().hex[:24])
 
 
+def _read_stream(body: dict) -> tuple[bool, bool, bool]:
+    """(stream, illada_stream_canvas, stream_options.include_usage), checked."""
+    stream = read_bool(body, "stream", False)
+    stream_canvas = read_bool(body, "illada_stream_canvas", False)
+    if stream_canvas and not stream:
+        raise bad("'illada_stream_canvas' needs 'stream': true", "illada_stream_canvas", "invalid_value")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    return stream, stream_canvas, read_bool(stream_options or {}, "include_usage", False)
+
+
 def _parse_infill(body: dict, model: str, handle, limits: Limits,
                   defaults: SamplingConfig | None) -> GenerationRequest:
     """An infill completion: OpenAI's insert mode (`suffix`: max_tokens tokens between `prompt` and `suffix`,
     answered as the inserted text) or, with `"illada_infill": true`, a prompt with `<|mask:N|>` holes
-    (answered as the whole text with its holes filled). Not streamed."""
+    (answered as the whole text with its holes filled). Streamed, the text is sent as it becomes final: up to the
+    first position still masked."""
     from illada.holes import parse_holes
     from illada.sampling import InfillConfig
 
@@ -364,9 +370,7 @@ def _parse_infill(body: dict, model: str, handle, limits: Limits,
                   "suffix", "invalid_value")
     if suffix is not None and not isinstance(suffix, str):
         raise bad("'suffix' must be a string", "suffix", "invalid_type")
-    if read_bool(body, "stream", False):
-        raise bad("streaming is not supported for infill requests; send 'stream': false", "stream",
-                  "unsupported_parameter")
+    stream, stream_canvas, include_usage = _read_stream(body)
     for name in NOT_FOR_INFILL:
         if body.get(name) is not None:
             raise bad(f"'{name}' does not apply to infill requests", name, "unsupported_parameter")
@@ -416,7 +420,8 @@ def _parse_infill(body: dict, model: str, handle, limits: Limits,
     context = [int(m.sum()) - sum(e - s for s, e in spans) for m, spans in zip(mask, holes)]
     return GenerationRequest(chat=False, model=model, rows=[[] for _ in pieces],
                              prompt_tokens=[c for c in context for _ in range(n)], n=n, config=config, infill=pieces,
-                             infill_whole=placeholders, id="cmpl-" + uuid.uuid4().hex[:24])
+                             infill_whole=placeholders, stream=stream, stream_canvas=stream_canvas,
+                             include_usage=include_usage, id="cmpl-" + uuid.uuid4().hex[:24])
 
 
 # -- responses -------------------------------------------------------------------------------------------------
