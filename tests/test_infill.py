@@ -46,10 +46,53 @@ def test_greedy_multi_span_infill_equals_a_naive_reference(lm):
         assert out.span_tokens[0] == [want[s:e] for s, e in spans]
 
 
+def naive_hole_by_hole(model, ids: list[int], spans, mask_id: int) -> list[int]:
+    """The cached infill's order with the cache refreshed every pass (so exact): the holes one after another,
+    left to right; in each, one position per pass, the most confident of that hole's masks (full recompute)."""
+    ids = list(ids)
+    for start, end in spans:
+        while mask_id in ids[start:end]:
+            probs = torch.softmax(model(torch.tensor([ids])).float()[0], dim=-1)
+            probs[:, mask_id] = -1
+            best = max((float(probs[i].max().detach()), i) for i in range(start, end) if ids[i] == mask_id)
+            ids[best[1]] = int(probs[best[1]].argmax())
+    return ids
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_infill_refreshed_every_pass_equals_the_hole_by_hole_reference(lm, cache):
+    for pieces in CASES:
+        ids, spans = holes_canvas(lm, pieces)
+        want = naive_hole_by_hole(lm.model, ids, spans, lm.mask_token_id)
+        exact = infill(lm.model, torch.tensor([ids]), cache=cache, cache_refresh=1)
+        assert exact.sequences[0].tolist() == want and exact.nfe == sum(e - s for s, e in spans)
+        # the approximate cache (refreshed at each hole's start only) keeps the text and fills exactly the holes
+        approx = infill(lm.model, torch.tensor([ids]), cache=cache).sequences[0].tolist()
+        inside = {i for s, e in spans for i in range(s, e)}
+        assert all(approx[i] == ids[i] for i in range(len(ids)) if i not in inside)
+        assert all(approx[i] != lm.mask_token_id for i in inside)
+
+
+def test_cached_infill_recomputes_only_the_window(lm):
+    """A dual-cache pass feeds the model the hole's window alone; prefix, the window to the end of the canvas."""
+    ids, spans = holes_canvas(lm, ["The cat sat ", 3, " on the mat, then ", 2, " slept."])
+    for cache, widths in (("dual", {3, 2}), ("prefix", {len(ids) - spans[0][0], len(ids) - spans[1][0]})):
+        seen = []
+        handle = lm.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].shape[1]),
+                                                    with_kwargs=True)
+        try:
+            infill(lm.model, torch.tensor([ids]), cache=cache)
+        finally:
+            handle.remove()
+        assert seen.count(len(ids)) == 2  # one full pass at the start of each hole stores the cache
+        assert set(seen) - {len(ids)} == widths
+
+
 RULES = [dict(), dict(steps=2), dict(threshold=0.3), dict(factor=1.0), dict(remasking="margin"),
          dict(remasking="entropy"), dict(remasking="random", seed=3), dict(temperature=1.0, seed=1),
          dict(cfg_scale=1.5), dict(top_k=5, top_p=0.8, temperature=0.7, seed=2), dict(forbid_eos=True),
-         dict(eos_confidence="neg_inf")]
+         dict(eos_confidence="neg_inf"), dict(cache="dual"), dict(cache="prefix", threshold=0.3),
+         dict(cache="dual", cfg_scale=1.5)]
 
 
 @pytest.mark.parametrize("options", RULES, ids=[str(r) or "greedy" for r in RULES])
@@ -70,8 +113,13 @@ def test_every_rule_keeps_the_text_and_changes_exactly_the_holes(lm, options):
             assert lm.tokenizer.eos_token_id not in got
     if "steps" in options:
         assert out.nfe == 2  # two passes per row whatever its hole count
-    if "threshold" in options or "factor" in options:
+    if ("threshold" in options or "factor" in options) and "cache" not in options:
         assert out.nfe <= max(sum(e - s for s, e in r[1]) for r in rows)
+    if "cache" in options:  # hole h of every row in round h: at most the round's longest hole in passes
+        rounds = max(len(r[1]) for r in rows)
+        longest = [max((e - s for s, e in r[1][h:h + 1]), default=0) for h in range(rounds) for r in rows]
+        bound = sum(max(longest[h * len(rows):(h + 1) * len(rows)]) for h in range(rounds))
+        assert rounds <= out.nfe // (2 if options.get("cfg_scale") else 1) <= bound
 
 
 @pytest.mark.parametrize("options", [dict(), dict(steps=3), dict(threshold=0.2), dict(factor=2.0),
@@ -135,8 +183,8 @@ def test_explicit_spans_remask_existing_text_and_leave_a_literal_mask_alone(lm):
         infill(lm.model, torch.tensor([ids]), spans=[[(3, 8), (6, 9)]])
     with pytest.raises(IlladaError, match="bad"):
         infill(lm.model, torch.tensor([ids]), spans=[[(5, 5)]])
-    with pytest.raises(IlladaError, match="cache 'prefix' is not supported for infill"):
-        infill(lm.model, torch.tensor([ids]), cache="prefix")
+    with pytest.raises(IlladaError, match="unknown cache"):
+        infill(lm.model, torch.tensor([ids]), cache="full")
     with pytest.raises(IlladaError, match="unknown infill option"):
         infill(lm.model, torch.tensor([ids]), block_length=4)
 
@@ -197,8 +245,8 @@ def test_infill_options_and_input_errors(lm):
         lm.infill("y" * 256 + "<|mask:1|>")
     with pytest.raises(IlladaError, match="unknown infill option"):
         lm.infill("a <|mask:2|>", max_new_tokens=3)
-    with pytest.raises(IlladaError, match="not supported for infill"):
-        lm.infill("a <|mask:2|>", cache="dual")
+    with pytest.raises(IlladaError, match="cache_refresh must be >= 1"):
+        lm.infill("a <|mask:2|>", cache="dual", cache_refresh=0)
     with pytest.raises(IlladaError, match="together"):
         lm.infill("a", suffix="b")
     with pytest.raises(IlladaError, match="causal"):
@@ -266,7 +314,7 @@ def test_infill_show_and_record_show_the_holes_resolving_in_place(checkpoint, tm
     (["a <|mask:x|>"], "not an integer"),
     (["no hole"], "no hole in the text"),
     (["a <|mask:200|>"], "longer than the model context"),
-    (["a <|mask:2|>", "--cache", "prefix"], "not supported by infill"),
+    (["a <|mask:2|>", "--cache", "dual", "--cache-refresh", "0"], "cache_refresh must be >= 1"),
     (["a <|mask:2|>", "--record", "out.png"], "must end in .html or .gif"),
     (["a <|mask:2|>", "--steps", "0"], "steps must be a positive integer"),
     (["a <|mask:2|>", "--threshold", "2"], "threshold must be in"),

@@ -609,7 +609,7 @@ def test_infill_streams_each_committed_pass(server, lm, body, expect):
     ({"prompt": [1, 2], "suffix": "b"}, "prompt", "invalid_type"),
     ({"prompt": "a", "suffix": "b", "illada_stream_canvas": True}, "illada_stream_canvas", "invalid_value"),
     ({"prompt": "a", "suffix": "b", "block_length": 4}, "block_length", "unsupported_parameter"),
-    ({"prompt": "a", "suffix": "b", "cache": "prefix"}, "cache", "unsupported_parameter"),
+    ({"prompt": "a", "suffix": "b", "cache": "prefix", "cache_refresh": 0}, "cache_refresh", "invalid_value"),
     ({"prompt": "a", "suffix": "b", "steps": 2, "threshold": 0.5, "factor": 1.0}, None, "invalid_value"),
     ({"prompt": "a", "suffix": "b", "illada_infill": "yes"}, "illada_infill", "invalid_type"),
 ])

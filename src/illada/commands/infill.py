@@ -44,9 +44,6 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.record, "--record")
     from illada.sampling.infill import InfillConfig
 
-    if args.cache != "none":
-        raise IlladaError(f"--cache {args.cache} is not supported by infill (holes can sit anywhere, so "
-                          "there is no cached prefix); use --cache none")
     config = InfillConfig(**sampling_changes(args), allow_shorter=args.allow_shorter)
     config = config.replace(seed=pick_seed(args, config.is_random))
     lm = load_model(args)

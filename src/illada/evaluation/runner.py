@@ -281,8 +281,8 @@ def print_table(results: list[EvalResult], file=None) -> None:
 
 def _infill_knobs(sampling) -> dict:
     """The preset's sampler knobs that apply to filling a gap (the hole's length is the answer's; one token per
-    pass unless a parallel rule is set; no blocks, no cache)."""
+    pass unless a parallel rule is set; no blocks; a cache caches around the gap)."""
     from illada.sampling import InfillConfig
 
-    skip = {"steps", "cache", "seed", "mask_id", "eos_token_id", "eot_token_id", "pad_token_id"}
+    skip = {"steps", "seed", "mask_id", "eos_token_id", "eot_token_id", "pad_token_id"}
     return {name: getattr(sampling, name) for name in InfillConfig.option_names() - skip if hasattr(sampling, name)}

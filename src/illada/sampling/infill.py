@@ -15,9 +15,13 @@ holes) is kept exactly. All holes of a row are denoised together, with the same 
 
 The mask token is never a candidate; the confidence is measured on the full softmax (the mask keeps its share),
 as in `generate`. Rows are padded with `attention_mask` (0 for padding keys, anywhere in the row); each row's
-schedule comes from its own holes, so at temperature 0 a row gives exactly what it gives alone. The approximate
-prefix/dual KV caches are not implemented for infill canvases (a hole can sit anywhere, so there is no clean
-prefix): `cache` other than "none" is refused.
+schedule comes from its own holes, so at temperature 0 a row gives exactly what it gives alone.
+
+Caches (`cache="prefix" | "dual"`, the approximate KV caches of `generate`): the hole plays the block. The holes of
+a row are then filled one after another, left to right (round h fills hole h of every row; a batch's window spans
+them); each round starts with a full pass that stores every key/value (and again every `cache_refresh` passes),
+and its other passes recompute only the window (dual) or the window to the end of the canvas (prefix), reading
+the rest from the cache. `steps` is then shared among the holes in proportion to their lengths.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from illada.errors import IlladaError
+from illada.sampling.cache import BlockForward
 from illada.sampling.config import token_ids
 from illada.sampling.generate import StepEvent
 from illada.sampling.remasking import propose, select_top
@@ -52,7 +57,8 @@ class InfillConfig:
     forbid_eos: bool = False
     eos_confidence: str = "normal"
     allow_shorter: bool = False
-    cache: str = "none"
+    cache: str = "none"  # prefix | dual: the holes are filled one after another, each a cached block
+    cache_refresh: int | None = None  # also refresh the cache every k passes inside a hole
     mask_id: int | None = None
     eos_token_id: int | None = None
     eot_token_id: int | None = None
@@ -67,11 +73,8 @@ class InfillConfig:
             raise IlladaError(f"steps must be a positive integer, got {self.steps!r}")
         # the shared knobs are checked by the generation config itself (one set of rules and messages)
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("steps", "allow_shorter", "cache")}
+                  if f.name not in ("steps", "allow_shorter")}
         SamplingConfig(**shared)
-        if self.cache != "none":
-            raise IlladaError(f"cache {self.cache!r} is not supported for infill (holes can sit anywhere, so there "
-                              "is no cached prefix); use cache 'none'")
 
     @classmethod
     def option_names(cls) -> set[str]:
@@ -132,6 +135,32 @@ def mask_runs(holes: Sequence[bool]) -> list[Span]:
     return spans
 
 
+def _rounds(masked: torch.Tensor, row_spans: list[list[Span]], by_hole: bool):
+    """(start, end, todo) of each round of passes: all holes together over the whole canvas; with a cache, hole h
+    of every row in round h, the window spanning those holes (the cache's block: recomputed, the rest cached)."""
+    if not by_hole:
+        yield 0, masked.shape[1], masked.clone()
+        return
+    for h in range(max((len(spans) for spans in row_spans), default=0)):
+        todo = torch.zeros_like(masked)
+        for row, spans in enumerate(row_spans):
+            if h < len(spans):
+                todo[row, spans[h][0]:spans[h][1]] = True
+        todo &= masked
+        columns = todo.any(0).nonzero().flatten()
+        if len(columns):
+            yield int(columns[0]), int(columns[-1]) + 1, todo
+
+
+def _round_steps(steps: int | None, counts: torch.Tensor, total: torch.Tensor, width: int) -> torch.Tensor:
+    """Passes per row for a round filling `counts` (B,) positions: one per position, or `steps` (passes per row
+    over all its holes) shared in proportion to the round's part of the row's `total` hole positions."""
+    if steps is None:
+        return counts.clamp(min=1)
+    share = torch.ceil(counts.float() * min(steps, width) / total.clamp(min=1).float()).long()
+    return torch.minimum(share.clamp(min=1), counts.clamp(min=1))
+
+
 def _resolve_config(config: InfillConfig | None, options: dict) -> InfillConfig:
     base = config or InfillConfig()
     return base.replace(**options) if options else base
@@ -188,42 +217,51 @@ def infill_stream(model: nn.Module, canvas: torch.Tensor, *, spans: Sequence[Seq
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     scheduled = cfg.threshold is None and cfg.factor is None
     masked = holes.clone()
-    counts_per_row = masked.sum(-1)
-    if scheduled:
-        most = width if cfg.steps is None else min(cfg.steps, width)  # a huge `steps` is just one per pass
-        steps = counts_per_row.clamp(min=1, max=max(most, 1))
-        schedule = linear_schedule(counts_per_row, steps)
     step_of = torch.full_like(x, -1)
     row_nfe = torch.zeros(b, dtype=torch.long, device=device)
     nfe, step, filled = 0, 0, int(masked.sum())
-    limit = int(counts_per_row.max()) if b else 0
     user_bans = eos_ids if cfg.forbid_eos else []
+    forward = BlockForward(model, cfg.cache, cfg.cache_refresh)
+    uses_cfg = bool(cfg.cfg_scale)
+    both_mask = None if attention_mask is None or not uses_cfg else torch.cat([attention_mask, attention_mask])
 
-    while bool(masked.any()):
-        if step > limit:  # every pass commits >= 1 position of every busy row
-            raise RuntimeError("infill made no progress (bug)")
-        row_nfe += masked.any(-1).long() * (2 if cfg.cfg_scale else 1)
-        if cfg.cfg_scale:
-            uncond = torch.where(context, torch.full_like(x, mask_id), x)
-            both = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-            cond, unc = model(torch.cat([x, uncond]), attention_mask=both).float().chunk(2)
-            logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
-            nfe += 2
-        else:
-            logits = model(x, attention_mask=attention_mask).float()
-            nfe += 1
-
-        candidates, confidence = propose(logits, mask_id, bans=user_bans, top_k=cfg.top_k, top_p=cfg.top_p,
-                                         temperature=cfg.temperature, remasking=cfg.remasking, generator=generator,
-                                         last_ids=eos_ids if cfg.eos_confidence == "neg_inf" else ())
-        counts = commit_counts(confidence, masked, threshold=cfg.threshold, factor=cfg.factor,
-                               schedule=schedule if scheduled else None, step=step)
-        commit = select_top(confidence, masked, counts) & masked
-        x = torch.where(commit, candidates, x)
-        step_of.masked_fill_(commit, step)
-        masked &= ~commit
-        yield StepEvent(step, 0, commit, x.clone(), step_of.clone(), ~masked.any(-1), nfe)
-        step += 1
+    for round_index, (start, end, todo) in enumerate(_rounds(masked, row_spans, cfg.cache != "none")):
+        # todo: (B, L) the positions this round fills; the window [start, end) holds them in every row
+        forward.reset()
+        counts_per_row = todo.sum(-1)
+        if scheduled:
+            steps = _round_steps(cfg.steps, counts_per_row, holes.sum(-1), width)
+            schedule = linear_schedule(counts_per_row, steps)
+        limit = int(counts_per_row.max()) if b else 0
+        i = 0
+        while bool(todo.any()):
+            if i > limit:  # every pass commits >= 1 position of every busy row
+                raise RuntimeError("infill made no progress (bug)")
+            row_nfe += todo.any(-1).long() * (2 if uses_cfg else 1)
+            if uses_cfg:
+                uncond = torch.where(context, torch.full_like(x, mask_id), x)
+                cond, unc = forward(torch.cat([x, uncond]), both_mask, start, end, i).float().chunk(2)
+                logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
+                nfe += 2
+            else:
+                logits = forward(x, attention_mask, start, end, i).float()
+                nfe += 1
+            candidates, confidence = propose(logits, mask_id, bans=user_bans, top_k=cfg.top_k, top_p=cfg.top_p,
+                                             temperature=cfg.temperature, remasking=cfg.remasking,
+                                             generator=generator,
+                                             last_ids=eos_ids if cfg.eos_confidence == "neg_inf" else ())
+            eligible = todo[:, start:end]
+            counts = commit_counts(confidence, eligible, threshold=cfg.threshold, factor=cfg.factor,
+                                   schedule=schedule if scheduled else None, step=i)
+            commit = torch.zeros_like(todo)
+            commit[:, start:end] = select_top(confidence, eligible, counts) & eligible
+            x[:, start:end] = torch.where(commit[:, start:end], candidates, x[:, start:end])
+            step_of.masked_fill_(commit, step)
+            todo &= ~commit
+            masked &= ~commit
+            yield StepEvent(step, round_index, commit, x.clone(), step_of.clone(), ~masked.any(-1), nfe)
+            step += 1
+            i += 1
 
     drop = set(eos_ids) | ({cfg.pad_token_id} if cfg.pad_token_id is not None else set())
     drop.discard(mask_id)

@@ -30,7 +30,7 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "
                  "illada_stream_canvas"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "suffix", "illada_infill", "illada_allow_shorter"}
 # Sampler knobs that mean nothing for a canvas with holes (the holes' lengths are given, there are no blocks).
-NOT_FOR_INFILL = ("block_length", "variable_length", "cache_refresh", "stop")
+NOT_FOR_INFILL = ("block_length", "variable_length", "stop")
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 ROLES = ("system", "user", "assistant")
 
@@ -403,11 +403,8 @@ def _parse_infill(body: dict, model: str, handle, limits: Limits,
     if seed is not None:
         options["seed"] = seed
     options["allow_shorter"] = read_bool(body, "illada_allow_shorter", False)
-    if options.get("cache", "none") != "none":
-        raise bad("'cache' must be 'none' for infill requests (holes can sit anywhere, so there is no cached "
-                  "prefix)", "cache", "unsupported_parameter")
     shared = {} if defaults is None else {name: getattr(defaults, name) for name in InfillConfig.option_names()
-                                          if hasattr(defaults, name) and name not in ("steps", "cache")}
+                                          if hasattr(defaults, name) and name != "steps"}
     try:
         config = handle.infill_config(**{**shared, **options})
     except IlladaError as error:
