@@ -29,11 +29,12 @@ def normalize_number(text: str) -> str | None:
             value = Decimal(top.replace("\u2212", "-")) / Decimal(bottom)
         else:
             value = Decimal(match.group(0).replace("\u2212", "-").replace(",", ""))
+        if value == value.to_integral_value():
+            # an integer of more digits than the decimal context holds is kept as written
+            return str(value.quantize(Decimal(1))) if value.adjusted() < 28 else format(value, "f")
+        return format(value.normalize(), "f")
     except InvalidOperation:
         return None
-    if value == value.to_integral_value():
-        return str(value.quantize(Decimal(1)))
-    return format(value.normalize(), "f")
 
 
 def last_number(text: str) -> str | None:
