@@ -7,6 +7,8 @@ temporary directory, then loads it in fresh subprocesses and reports, per scenar
     baseline  peak RSS of the child after `import torch, illada.checkpoint`
     load      peak RSS right after load_checkpoint returns
     touched   peak RSS after reading every parameter once (memory-mapped pages become resident)
+    anon/file the RSS after touching split into anonymous memory and pages of mapped files (the shards' memory
+              maps, shared libraries): both count in RSS, so both count in the peak
     ratio     (touched - baseline) / weights; the target is < 1.3
 
 Scenarios: `stored` keeps the checkpoint's dtype (bf16; CPU parameters are memory maps of the shards), `fp32`
@@ -14,7 +16,9 @@ casts while loading (what `illada.load` does on CPU), `naive` is the usual mater
 (random-initialised model + `safetensors.torch.load_file` + `load_state_dict`) for comparison; `int8` and `int4`
 quantise while loading (`load_checkpoint(quantize=)`, torchao, float32 compute dtype as `illada.load` on CPU).
 With quantised scenarios a last table compares each one's peak RSS above the baseline to `stored` (bf16):
-the targets are <= 0.6x (int8) and <= 0.35x (int4).
+the targets are <= 0.6x (int8) and <= 0.35x (int4). Every scenario runs in a fresh interpreter that imports what
+it needs (torchao for int8/int4) before its baseline is taken, and is measured the same way (peak RSS, the
+high-water mark the kernel keeps: nothing between samples is missed).
 
     python benchmarks/load_memory.py --shape 8b --layers 8 --scenarios stored,int8,int4   # 8B widths, 8 layers
 
@@ -127,6 +131,16 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _resident() -> dict[str, int]:
+    """The current RSS split into anonymous memory and mapped-file pages (bytes)."""
+    out = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            out[key[3:].lower()] = int(value.split()[0]) * 1024
+    return out
+
+
 def child(path: str, scenario: str) -> None:
     """Runs in a fresh process: load, touch every parameter, report peaks as one JSON line."""
     import torch
@@ -173,7 +187,7 @@ def child(path: str, scenario: str) -> None:
             touch(p)  # reads every page of the parameter
     weights = sum(storage_bytes(p) for p in params)
     print(json.dumps({"scenario": scenario, "weights": weights, "baseline": baseline, "load": after_load,
-                      "touched": _peak(), "seconds": seconds}))
+                      "touched": _peak(), **_resident(), "seconds": seconds}))
 
 
 def describe(args) -> None:
@@ -229,13 +243,15 @@ def main(argv=None) -> None:
         shards = len(list(path.glob("*.safetensors")))
         print(f"wrote {shards} shards to {path} in {time.perf_counter() - start:.0f} s")
         gib = 2**30
-        print(f"{'scenario':<8} {'weights':>10} {'baseline':>10} {'load':>10} {'touched':>10} {'ratio':>6} {'seconds':>8}")
+        print(f"{'scenario':<8} {'weights':>10} {'baseline':>10} {'load':>10} {'touched':>10} {'anon':>10} "
+              f"{'file':>10} {'ratio':>6} {'seconds':>8}")
         results = {}
         for scenario in scenarios:
             r = results[scenario] = subprocess_json(["--child", str(path), "--scenario", scenario], shape_argv)
             ratio = (r["touched"] - r["baseline"]) / r["weights"]
             print(f"{scenario:<8} {r['weights'] / gib:>9.2f}G {r['baseline'] / gib:>9.2f}G {r['load'] / gib:>9.2f}G "
-                  f"{r['touched'] / gib:>9.2f}G {ratio:>6.2f} {r['seconds']:>8.1f}", flush=True)
+                  f"{r['touched'] / gib:>9.2f}G {r['anon'] / gib:>9.2f}G {r['file'] / gib:>9.2f}G {ratio:>6.2f} "
+                  f"{r['seconds']:>8.1f}", flush=True)
         quantised = [s for s in ("int8", "int4") if s in results]
         if "stored" in results and quantised:
             base = results["stored"]["touched"] - results["stored"]["baseline"]

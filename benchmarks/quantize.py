@@ -84,12 +84,13 @@ def drift(reference: torch.Tensor, other: torch.Tensor, chosen: torch.Tensor) ->
 
 
 def sudoku_accuracy(lm, data: Path, limit: int) -> float:
+    """Whole-grid exact-match accuracy of the first `limit` test puzzles."""
     from illada.evaluation import evaluate, get_preset, load_samples
 
     preset = get_preset("exact").replace(max_new_tokens=48, block_length=48, steps=48)
     torch.manual_seed(0)
     result = evaluate(lm, preset, load_samples(data, preset.kind), limit=limit, batch_size=16, progress=False)
-    return result.to_dict()["metrics"]
+    return result.score
 
 
 def tokens_per_second(lm, new_tokens: int, repeats: int) -> float:
@@ -136,7 +137,7 @@ def main(argv=None) -> None:
                 reference = out
             kl, top1 = drift(reference, out, chosen)
             acc = (out.argmax(-1)[chosen] == ids[chosen]).float().mean().item()
-            task = f"{sudoku_accuracy(lm, data, args.task_limit)['exact_match']:.1%}" if data is not None else "-"
+            task = f"{sudoku_accuracy(lm, data, args.task_limit):.1%}" if data is not None else "-"
             speed = f"{tokens_per_second(lm, args.new_tokens, args.repeats):.1f}" if index == 0 else "-"
             lines.append(f"{name[:32]:<32} {mode:<5} {kl:>8.5f} {top1:>7.1%} {acc:>9.1%} {task:>7} {speed:>7} "
                          f"{model_bytes(lm.model) / 2**20:>7.1f}Mi")

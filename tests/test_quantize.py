@@ -23,8 +23,7 @@ def fp32():
 
 
 def _logits(lm) -> torch.Tensor:
-    with torch.inference_mode():
-        return lm.model(IDS).float()
+    return _logits_of(lm.model)
 
 
 def _drift(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
@@ -58,12 +57,12 @@ def test_quantisation_happens_layer_by_layer_while_loading(monkeypatch):
     """When a Linear is quantised, no other Linear holds a full-precision weight: they are either still meta
     (not read yet) or already quantised."""
     seen = []
-    original = quant.quantize_linear
+    original = quant.load_linear
 
-    def spy(module, mode):
+    def spy(module, *args):
         model_linears = [m for m in spy.model.modules() if isinstance(m, nn.Linear) and m is not module]
         seen.append(sum(not m.weight.is_meta and not quant.is_quantized(m.weight) for m in model_linears))
-        return original(module, mode)
+        return original(module, *args)
 
     from illada.checkpoint import io
 
@@ -74,9 +73,73 @@ def test_quantisation_happens_layer_by_layer_while_loading(monkeypatch):
         return spy.model
 
     monkeypatch.setattr(io, "Transformer", capture)
-    monkeypatch.setattr(quant, "quantize_linear", spy)
+    monkeypatch.setattr(quant, "load_linear", spy)
     illada.load(DEFAULT_MODEL, quantize="int8")
     assert len(seen) > 10 and max(seen) == 0, seen
+
+
+def _whole_quantized(mode: str):
+    """The bundled model loaded in fp32, then quantised the plain way: torchao's `quantize_` on each whole weight."""
+    q = quant._quiet_import()
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import Int8Tensor, PerRow
+
+    model = illada.load(DEFAULT_MODEL).model
+    config = q.Int8WeightOnlyConfig() if mode == "int8" else PrototypeInt4WeightOnlyConfig(group_size=128)
+    embedding = model.embed_tokens.weight.detach().clone()
+    q.quantize_(model, config, filter_fn=lambda m, _name: isinstance(m, nn.Linear) and m is not model.lm_head)
+    table = Int8Tensor.from_hp(embedding, PerRow())
+    model.embed_tokens.weight = nn.Parameter(Int8Tensor(table.qdata, table.scale, table.block_size, table.dtype),
+                                             requires_grad=False)
+    model.embed_tokens.__class__ = quant.QuantizedEmbedding
+    if mode == "int8":
+        model.lm_head.weight = model.embed_tokens.weight
+    else:
+        head = nn.Linear(embedding.shape[1], embedding.shape[0], bias=False)
+        head.weight = nn.Parameter(embedding)
+        q.quantize_(head, config)
+        model.lm_head.weight = head.weight
+    return model
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_streamed_blocks_equal_quantising_the_loaded_model_whole(mode, monkeypatch):
+    """Loading with quantize= (each weight read and quantised 64 rows at a time) gives exactly the tensors and
+    logits of torchao's quantize_ applied to each whole weight of the fully loaded model; quantize_model too."""
+    monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 4096)  # 64-row blocks: every weight in several blocks
+    reference = _whole_quantized(mode)
+    streamed = illada.load(DEFAULT_MODEL, quantize=mode).model
+    merged = quant.quantize_model(illada.load(DEFAULT_MODEL).model, mode, torch.float32)
+    expected = dict(reference.named_parameters(remove_duplicate=False))
+    for model in (streamed, merged):
+        got = dict(model.named_parameters(remove_duplicate=False))
+        assert got.keys() == expected.keys()
+        for name, tensor in got.items():
+            ref = expected[name]
+            assert type(tensor) is type(ref), name
+            names = tensor.__tensor_flatten__()[0] if quant.is_quantized(tensor) else [None]
+            for field in names:
+                a, b = (tensor, ref) if field is None else (getattr(tensor, field), getattr(ref, field))
+                assert (a is None and b is None) or torch.equal(a, b), (name, field)
+        assert (model.lm_head.weight is model.embed_tokens.weight) == (mode == "int8")
+        assert torch.equal(_logits_of(model), _logits_of(reference))
+
+
+def _logits_of(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(IDS).float()
+
+
+def test_quantised_load_reads_the_files_without_memory_maps(monkeypatch):
+    """Memory-mapped shard pages would count in the process's resident memory: a quantised load reads them."""
+    from illada.checkpoint import io
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("safe_open (a memory map) used by a quantised load")
+
+    monkeypatch.setattr(io, "safe_open", refuse)
+    lm = illada.load(DEFAULT_MODEL, quantize="int8")
+    assert quant.is_quantized(lm.model.layers[0].mlp.down_proj.weight)
 
 
 def test_generate_with_quantize_end_to_end(capsys):

@@ -7,7 +7,9 @@ Loading never holds the weights twice: every file's header is checked against th
 dtypes: one error listing all problems, before any weight is read), then the model is built on the `meta` device
 and adopts each tensor as it is read. On CPU in the checkpoint's own dtype the parameters are copy-on-write
 memory maps of the files (pages are read on first use; replacing the files in place while a model is loaded is
-unsafe, which the atomic `save_checkpoint` never does). Saving writes into a temporary directory next to the
+unsafe, which the atomic `save_checkpoint` never does). A quantised load (`quantize=`) reads safetensors files with
+plain file reads instead, a block of rows at a time, so no shard page ever counts in the process's resident memory
+and only the quantised weights stay (`illada.quantize`). Saving writes into a temporary directory next to the
 target and renames it into place, so a failure never leaves a partial checkpoint.
 """
 from __future__ import annotations
@@ -158,6 +160,11 @@ def _read_header(file: Path) -> list[tuple[str, tuple[int, ...], torch.dtype | s
     """(key, shape, dtype) of every tensor in a weight file, without reading the data (safetensors)."""
     if file.suffix != ".safetensors":
         return [(k, tuple(v.shape), v.dtype) for k, v in _torch_load(file).items()]
+    return [(key, shape, dtype) for key, shape, dtype, _ in _safetensors_header(file)]
+
+
+def _safetensors_header(file: Path) -> list[tuple[str, tuple[int, ...], torch.dtype | str, int]]:
+    """(key, shape, dtype, offset of the data in the file) of every tensor in a safetensors file."""
     # The safetensors header is an 8-byte little-endian length and a JSON object; checking the byte ranges
     # here means a truncated or corrupt file is reported before any weight is read (and before a header length
     # such as 2**62 could make us allocate it).
@@ -192,7 +199,7 @@ def _read_header(file: Path) -> list[tuple[str, tuple[int, ...], torch.dtype | s
             if not 0 <= start <= end <= size - 8 - length or (
                     isinstance(dtype, torch.dtype) and end - start != numel * dtype.itemsize):
                 raise ValueError(f"tensor {key} has a bad byte range")
-            out.append((key, shape, dtype))
+            out.append((key, shape, dtype, 8 + length + start))
         return out
     except (OSError, ValueError, TypeError, RecursionError) as error:  # JSONDecodeError, UnicodeError: ValueErrors
         reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
@@ -208,6 +215,49 @@ def _open_weights(file: Path) -> Iterator[Callable[[str], torch.Tensor]]:
         return
     with safe_open(str(file), framework="pt", device="cpu") as handle:
         yield handle.get_tensor
+
+
+class _RowReader:
+    """Row ranges of the tensors of one weight file, each read into fresh memory.
+
+    A safetensors file is read with plain file reads, not memory-mapped: the pages of a map count in the process's
+    resident memory for as long as the map lives (and the file's reader keeps it alive), a read's only in the page
+    cache. Other files are read whole (`torch.load`, memory-mapped) and sliced."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        if file.suffix == ".safetensors":
+            self.offsets = {key: offset for key, _, _, offset in _safetensors_header(file)}
+            self.handle = open(file, "rb", buffering=0)
+        else:
+            self.state, self.handle = _torch_load(file), None
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        self.state = None
+
+    def rows(self, entry: TensorEntry) -> Callable[[int, int], torch.Tensor]:
+        """(start, stop) -> those rows (first-dimension entries) of `entry`, in its stored dtype."""
+        if self.handle is None:
+            tensor = self.state[entry.key]
+            return lambda start, stop: tensor[start:stop]
+        inner = entry.shape[1:]
+        row_bytes = entry.dtype.itemsize * (entry.numel // entry.shape[0] if entry.shape and entry.shape[0] else 1)
+        base = self.offsets[entry.key]
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+            view, done = memoryview(out.numpy()), 0
+            self.handle.seek(base + start * row_bytes)
+            while done < len(view):
+                n = self.handle.readinto(view[done:])
+                if not n:
+                    raise IlladaError(f"{self.file}: ends inside tensor {entry.key} (truncated while loading?)")
+                done += n
+            return out.view(entry.dtype).view(stop - start, *inner) if entry.shape else out.view(entry.dtype)[0]
+
+        return read
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -294,6 +344,30 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
 
 
+def _load_quantized(model: Transformer, entries: list[TensorEntry], device: torch.device, dtype: torch.dtype,
+                    mode: str) -> None:
+    """Fill the meta `model` from `entries`, each Linear and the embedding quantised a block of rows at a time as
+    it is read (`illada.quantize`), everything else cast to `dtype`."""
+    from illada import quantize as quant
+
+    linears = {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    for file, group in itertools.groupby(entries, key=lambda e: e.file):
+        reader = _RowReader(file)
+        try:
+            for entry in group:
+                read = reader.rows(entry)
+                if entry.name == "embed_tokens.weight":
+                    quant.load_embedding(model, read, mode, dtype, device)
+                elif entry.name in linears:
+                    quant.load_linear(linears[entry.name], read, mode, dtype, device)
+                else:
+                    rows = entry.shape[0] if entry.shape else 1
+                    _assign(model, entry.name, read(0, rows).to(device=device, dtype=dtype))
+                quant.release_freed_memory()
+        finally:
+            reader.close()
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
                     dtype: str | torch.dtype | None = None,
                     quantize: str | None = None) -> tuple[Transformer, ModelConfig]:
@@ -312,20 +386,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
         quant.check_mode(quantize, device, dtype)
     with torch.device("meta"):
         model = Transformer(config)
-    linears = {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     try:
-        for file, group in itertools.groupby(entries, key=lambda e: e.file):
-            with _open_weights(file) as get:
-                for entry in group:
-                    tensor = get(entry.key)
-                    if quantize is not None and entry.name == "embed_tokens.weight":
-                        quant.quantize_embedding(model, tensor.to(device=device), quantize, dtype)
-                        continue
-                    # A no-op on CPU in the stored dtype: the parameter is then a view of the memory map.
-                    _assign(model, entry.name, tensor.to(device=device, dtype=dtype))
-                    if quantize is not None and entry.name in linears:
-                        quant.quantize_linear(linears[entry.name], quantize)
-                    del tensor
+        if quantize is not None:
+            _load_quantized(model, entries, device, dtype, quantize)
+        else:
+            for file, group in itertools.groupby(entries, key=lambda e: e.file):
+                with _open_weights(file) as get:
+                    for entry in group:
+                        # A no-op on CPU in the stored dtype: the parameter is then a view of the memory map.
+                        _assign(model, entry.name, get(entry.key).to(device=device, dtype=dtype))
     except torch.cuda.OutOfMemoryError as error:
         size = sum(e.numel for e in entries) * dtype.itemsize / 2**30
         raise IlladaError(f"out of memory on {device} loading {path} ({size:.1f} GiB of {dtype} weights)") from error
