@@ -49,6 +49,7 @@ class Cell:
     task: str
     data: Path
     flags: dict = field(default_factory=dict)
+    grid: str = ""  # the parallel section: which task's decoding grid
 
     @property
     def command(self) -> str:
@@ -89,6 +90,10 @@ def run_cell(cell: Cell, models: dict, batch_size: int) -> dict:
 GRIDS = {
     "arithmetic": (RUNS / "arithmetic" / "mdm", RUNS / "arithmetic" / "ar", "gsm8k", ARITH_TEST,
                    dict(num_fewshot=0, max_new_tokens=96), ("fixed canvas 96", dict(fixed_length=True, steps=96))),
+    # the aligned working (recipes/arithmetic-aligned.sh): twins trained on the same prompt/response rows
+    "arithmetic-aligned": (RUNS / "arithmetic" / "aligned-mdm", RUNS / "arithmetic" / "aligned-ar", "gsm8k",
+                           ARITH_TEST, dict(num_fewshot=0, max_new_tokens=160),
+                           ("fixed canvas 128", dict(fixed_length=True, max_new_tokens=128, steps=128))),
     "sudoku": (RUNS / "sudoku" / "mdm", RUNS / "sudoku" / "ar", "exact", RUNS / "sudoku" / "test.jsonl",
                dict(max_new_tokens=48, block_length=48, steps=48),
                ("fixed canvas 48", dict(fixed_length=True))),
@@ -98,22 +103,31 @@ GRIDS = {
 def arithmetic_cells(limit: int, batch: int) -> list[Cell]:
     mdm, ar = str(RUNS / "arithmetic" / "mdm"), str(RUNS / "arithmetic" / "ar")
     base = dict(num_fewshot=0, max_new_tokens=96, limit=limit, batch_size=batch)
-    return [Cell("tasks", "arithmetic · MDM (variable length, 1 token/pass)", mdm, "gsm8k", ARITH_TEST, base),
-            Cell("tasks", "arithmetic · AR twin (greedy, KV cache)", ar, "gsm8k", ARITH_TEST, base)]
+    cells = [Cell("tasks", "arithmetic · MDM (variable length, 1 token/pass)", mdm, "gsm8k", ARITH_TEST, base),
+             Cell("tasks", "arithmetic · AR twin (greedy, KV cache)", ar, "gsm8k", ARITH_TEST, base)]
+    aligned = RUNS / "arithmetic" / "aligned-mdm", RUNS / "arithmetic" / "aligned-ar"
+    long = {**base, "max_new_tokens": 160}  # the aligned working is longer
+    if (aligned[0] / "checkpoints").exists():
+        cells.append(Cell("tasks", "arithmetic, aligned working · MDM (SFT pairs, variable length, 1 token/pass)",
+                          str(aligned[0]), "gsm8k", ARITH_TEST, long))
+    if (aligned[1] / "checkpoints").exists():
+        cells.append(Cell("tasks", "arithmetic, aligned working · AR twin (AR SFT, greedy, KV cache)",
+                          str(aligned[1]), "gsm8k", ARITH_TEST, long))
+    return cells
 
 
 def grid_cells(task: str, limit: int, batch: int) -> list[Cell]:
     """Every decoding mode x cache of the task's MDM, and its AR twin on the same samples in the same run."""
     mdm, ar, eval_task, data, flags, (fixed_name, fixed) = GRIDS[task]
     base = {**flags, "limit": limit, "batch_size": batch}
-    cells = [Cell("parallel", "AR twin (greedy, KV cache)", str(ar), eval_task, data, base)]
+    cells = [Cell("parallel", "AR twin (greedy, KV cache)", str(ar), eval_task, data, base, task)]
     modes = [(f"{fixed_name}, 1 token/pass", fixed), ("variable length, 1 token/pass", {})]
     modes += [(f"threshold {t}", dict(threshold=t)) for t in (0.95, 0.9, 0.8, 0.7, 0.5)]
     modes += [(f"factor {f}", dict(factor=f)) for f in (1, 2)]
     for name, extra in modes:
         for cache in ("none", "prefix", "dual"):
             cells.append(Cell("parallel", f"{name} · cache {cache}", str(mdm), eval_task, data,
-                              {**base, **extra, "cache": cache}))
+                              {**base, **extra, "cache": cache}, task))
     return cells
 
 
@@ -196,7 +210,7 @@ def pct(x: float) -> str:
 TABLES = {
     "tasks": ("Accuracy: masked diffusion vs the autoregressive twin", ["task · model", "accuracy %", "n", "tokens/pass"],
               lambda r: [f"{pct(r['score'])} ± {pct(r['stderr'])}", r["n"], f"{r.get('tokens_per_forward', 0):.2f}"]),
-    "parallel": ("Accuracy under parallel decoding (the grid task's MDM, and its AR twin on the same samples)",
+    "parallel": ("Accuracy under parallel decoding: the {grid} MDM, and its AR twin on the same samples",
                  ["mode · cache", "accuracy %", "tokens/pass", "tokens/s", "passes/sample"],
                  lambda r: [pct(r["score"]), f"{r.get('tokens_per_forward', 0):.2f}",
                             f"{r.get('tokens_per_second', 0):.1f}", f"{r['sequence_passes_per_sample']:.1f}"]),
@@ -208,14 +222,18 @@ TABLES = {
 def markdown(cells: list[Cell], results: dict) -> str:
     out = []
     for section, (title, columns, row) in TABLES.items():
-        done = [c for c in cells if c.section == section and c.command in results]
-        if not done:
-            continue
-        out += [f"### {title}", "", "| " + " | ".join(columns + ["command"]) + " |",
-                "|---|" + "---:|" * (len(columns) - 1) + "---|"]
-        out += [f"| {c.label} | " + " | ".join(str(v) for v in row(results[c.command])) + f" | `{c.command}` |"
-                for c in done]
-        out.append("")
+        grids = list(dict.fromkeys(c.grid for c in cells if c.section == section))
+        for grid in grids:
+            done = [c for c in cells if c.section == section and c.grid == grid and c.command in results]
+            if not done:
+                continue
+            out += [f"### {title.format(grid=grid)}", "", "| " + " | ".join(columns + ["command"]) + " |",
+                    "|---|" + "---:|" * (len(columns) - 1) + "---|"]
+            out += [f"| {c.label} | " + " | ".join(str(v) for v in row(results[c.command])) + f" | `{c.command}` |"
+                    for c in done]
+            out.append("")
+            if section == "parallel":
+                out += [parallel_summary(done, results), speed_summary(done, results)]
     return "\n".join(out)
 
 
@@ -261,6 +279,7 @@ def plots(cells: list[Cell], results: dict, out: Path, task: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cells = [c for c in cells if c.grid == task]
     modes = [c for c in cells if c.section == "parallel" and c.command in results and not c.label.startswith("AR")]
     if not modes:
         return []
@@ -287,7 +306,7 @@ def plots(cells: list[Cell], results: dict, out: Path, task: str) -> list[Path]:
         ax.set_title(f"{task} MDM: accuracy vs " + xlabel)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = out / name
+        path = out / f"{task}-{name}"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
@@ -301,8 +320,8 @@ def main() -> int:
                    default=None)
     p.add_argument("--limit", type=int, default=200, help="held-out samples per cell of the task table")
     p.add_argument("--grid-limit", type=int, default=100, help="held-out samples per parallel-decoding cell")
-    p.add_argument("--grid-task", choices=list(GRIDS), default="sudoku",
-                   help="task whose MDM the decoding grid measures (default: sudoku)")
+    p.add_argument("--grid-task", choices=list(GRIDS), action="append", default=None,
+                   help="task whose MDM a decoding grid measures (repeatable; default: sudoku)")
     p.add_argument("--choice-limit", type=int, default=100, help="samples per scoring cell")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--fresh", action="store_true", help="recompute the selected cells instead of using the cache")
@@ -313,8 +332,9 @@ def main() -> int:
         from illada.tasks import get_task, make_records, write_records
 
         write_records(make_records(get_task("arithmetic", "choice"), "test", 1000, "eval"), ARITH_CHOICE)
+    grids = args.grid_task or ["sudoku"]
     cells = arithmetic_cells(args.limit, args.batch_size) + task_cells(args.limit, args.batch_size) + \
-        grid_cells(args.grid_task, args.grid_limit, args.batch_size) + \
+        [c for task in grids for c in grid_cells(task, args.grid_limit, args.batch_size)] + \
         scoring_cells(args.choice_limit, args.batch_size)
     cache_path = args.out / "results.json"
     results = json.loads(cache_path.read_text()) if cache_path.exists() else {}
@@ -343,10 +363,9 @@ def main() -> int:
         write_json_atomic(cache_path, results)
     text = ["## Proof table", "", f"Machine: {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
             f"batch {args.batch_size}; {args.limit} held-out samples per task cell, {args.grid_limit} per "
-            f"parallel-decoding cell (grid task: {args.grid_task}).", "",
-            markdown(cells, results), parallel_summary(cells, results), speed_summary(cells, results),
-            likelihood_markdown(results)]
-    written = plots(cells, results, args.out, args.grid_task)
+            f"parallel-decoding cell (grids: {', '.join(grids)}).", "",
+            markdown(cells, results), likelihood_markdown(results)]
+    written = [p for task in grids for p in plots(cells, results, args.out, task)]
     text += [f"![{p.stem}]({p.name})" for p in written]
     report = "\n".join(text) + "\n"
     write_atomic(args.out / "proof.md", report)
