@@ -20,11 +20,9 @@ TINY = ["--preset", "tiny", "--seq-len", "64", "--micro-batch-size", "4", "--val
 IDS = torch.tensor([[5, 17, 42, 3, 3, 99, 7, 3]])
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> Path:
-    """A base model pre-trained briefly on a text that has the answer's word, an SFT set of one repeated
-    exchange, and a LoRA SFT run on it."""
-    root = tmp_path_factory.mktemp("lora")
+def base_and_sft_data(root: Path) -> None:
+    """root/pre: a base model pre-trained briefly on a text that has the answer's word; root/sft: an SFT set of one
+    repeated exchange (also tests/test_qlora.py's)."""
     (root / "corpus.txt").write_text("Shakespeare wrote plays long ago, and people still read them.\n" * 40)
     assert main(["prepare", str(root / "corpus.txt"), "--tokenizer", "bytes", "--out", str(root / "packed"),
                  "--quiet"]) == 0
@@ -34,6 +32,13 @@ def setup(tmp_path_factory) -> Path:
     (root / "chat.jsonl").write_text("\n".join([json.dumps(record)] * 48) + "\n")
     assert main(["prepare", str(root / "chat.jsonl"), "--kind", "sft", "--sft-format", "pairs",
                  "--tokenizer", str(root / "pre"), "--out", str(root / "sft"), "--quiet"]) == 0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    """The base and SFT set of `base_and_sft_data`, and a LoRA SFT run on them."""
+    root = tmp_path_factory.mktemp("lora")
+    base_and_sft_data(root)
     assert main(["sft", "--init-from", str(root / "pre"), "--data", str(root / "sft"), "--out-dir", str(root / "run"),
                  "--objective", "sft-pairs", "--steps", "150", "--lr", "1e-2", "--warmup-steps", "5",
                  "--weight-decay", "0", "--save-every", "150", "--eval-every", "150", "--lora-r", "8",
@@ -59,19 +64,27 @@ def test_zero_initialised_lora_is_exactly_the_base_model(setup):
     assert len(trainable) == 2 * 7 * model.config.n_layers
 
 
-def test_lora_sft_learns_the_reply_and_saves_only_adapters_in_peft_format(setup):
-    from peft import PeftModel
+def learnt_and_saved_adapters_only(run: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A LoRA (or QLoRA) SFT run's loss halved and its newest checkpoint holds adapter tensors alone, in PEFT's
+    files: that checkpoint and its tensors."""
     from safetensors.torch import load_file
 
-    records = [json.loads(line) for line in (setup / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
-    checkpoint = latest_checkpoint(setup / "run")
+    checkpoint = latest_checkpoint(run)
     files = {p.name for p in checkpoint.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "training_state.pt", "trainer_state.json"} <= files
     assert not any(name.startswith("model") and name.endswith(".safetensors") for name in files)
     tensors = load_file(checkpoint / "adapter_model.safetensors")
     assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
+    return checkpoint, tensors
+
+
+def test_lora_sft_learns_the_reply_and_saves_only_adapters_in_peft_format(setup):
+    from peft import PeftModel
+
+    checkpoint, tensors = learnt_and_saved_adapters_only(setup / "run")
     adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
     assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 16
     assert Path(adapter_config["base_model_name_or_path"]) == latest_checkpoint(setup / "pre").resolve()

@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 
 
 def require_peft():
+    from illada.qlora import quiet_bitsandbytes
+
     try:
-        import peft
+        with quiet_bitsandbytes():  # PEFT imports bitsandbytes where it is installed
+            import peft
     except ImportError:
         raise IlladaError("LoRA needs the peft library: pip install 'illada[lora]'") from None
     return peft

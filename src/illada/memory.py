@@ -8,8 +8,9 @@ What is counted, read off illada's own code (`illada.model`, the trainers, the s
 
 - weights: every parameter in its storage format. `sft` keeps fp32 master weights (bf16 is autocast, as `illada
   sft --dtype bf16` does) and, with LoRA, the frozen base in fp32 too (the trainer loads it so); QLoRA (`--quantize
-  int4|int8` with `--lora-r`) a bitsandbytes-style frozen base (NF4: 4 bits + an fp32 absmax per 64 weights; int8:
-  1 byte + an fp32 scale per row) with the embedding, head and norms in bf16. `rl` trains the checkpoint's dtype
+  int4|int8` with `--lora-r`; `nf4`/`fp4`, `illada sft --quantize`'s names, plan as int4) a bitsandbytes frozen base
+  (NF4: 4 bits + an fp32 absmax per 64 weights, as `illada.qlora` makes it; int8: 1 byte + an fp32 scale per row)
+  with the embedding, head and norms in bf16. `rl` trains the checkpoint's dtype
   as is (no autocast) and holds a second copy as the KL reference. `generate` with `--quantize` uses torchao's
   layout of `illada.quantize` (int8 per row; int4 groups of 128 with a scale and zero per group in the compute
   dtype; the embedding int8; a tied head its own int4 copy).
@@ -403,6 +404,8 @@ def plan_memory(config: ModelConfig, job: str, *, seq_len: int = 2048, batch: in
     greedy or (`temperature` > 0) sampled; rl's rollouts always sample (rl needs a temperature > 0)."""
     from illada.lora import TARGETS, parse_targets
 
+    if job != "generate" and quantize in ("nf4", "fp4"):  # the training flag's 4-bit types: int4's storage
+        quantize = "int4"
     _check(job, seq_len, batch, dtype, lora_r, quantize, device, cache, block_length, group_size, estimator,
            grad_accum, prompt_len, config)
     targets = tuple(parse_targets(lora_targets)) if lora_targets else TARGETS
@@ -567,7 +570,7 @@ def measure_memory(config: ModelConfig, job: str, *, seq_len: int, batch: int = 
     from illada.model import build_model
 
     if quantize and job != "generate":
-        raise IlladaError("measure_memory: QLoRA needs bitsandbytes on CUDA; CPU measures the other jobs")
+        raise IlladaError("measure_memory: QLoRA steps are measured by benchmarks/qlora.py (illada.qlora's layers)")
     torch.manual_seed(seed)
     model = build_model(config, device="cpu", seed=seed)
     mask_id = config.mask_token_id if config.mask_token_id is not None else 0

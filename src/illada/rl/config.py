@@ -9,6 +9,7 @@ from typing import Any
 from illada.config import type_mismatch
 from illada.errors import IlladaError
 from illada.lora import TARGETS as LORA_TARGETS, check_settings as check_lora
+from illada.qlora import check_settings as check_qlora
 
 
 @dataclass
@@ -20,6 +21,7 @@ class RLConfig:
     lora_alpha: int = 16  # LoRA scale: the update is (lora_alpha / lora_r) B A
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: str = ",".join(LORA_TARGETS)  # comma-separated Linear layers that get adapters (attention and MLP projections)
+    quantize: str | None = None  # QLoRA (the qlora extra, bitsandbytes): nf4 | fp4, the frozen base's attention and MLP projections held in 4 bits under the lora_r adapters; the KL reference is that 4-bit base
     data: str = ""  # JSONL of prompts with answers, records of the `task` kind of `illada eval`
     task: str = "gsm8k"  # gsm8k: {"question", "answer": "... #### N"} | exact: {"prompt", "answer"} (exact text)
     eval_data: str | None = None  # held-out JSONL of the same form: greedy accuracy every eval_every steps
@@ -86,6 +88,7 @@ class RLConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise IlladaError(f"rl: {name} must be a positive integer, got {value!r}")
         check_lora(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets, where="rl")
+        check_qlora(self.quantize, self.lora_r, where="rl")
         if self.group_size < 2:
             raise IlladaError("rl: group_size must be >= 2 (advantages are relative within a group)")
         for name in ("lr", "clip", "kl_coef", "weight_decay", "grad_clip", "temperature", "prompt_mask_prob"):

@@ -11,7 +11,9 @@ With `lora_r` > 0 the policy is the init_from model with PEFT LoRA adapters (B z
 only they are trained and checkpointed (PEFT's format, as `illada sft --lora-r` writes it; `--adapter` and `illada
 merge` take the run), and the KL reference is the same base with the adapters switched off (PEFT's
 `disable_adapter()`): no second copy of the weights is held. The inner updates draw LoRA dropout from a generator
-seeded by (seed, step, rank), so resume stays exact with dropout too.
+seeded by (seed, step, rank), so resume stays exact with dropout too. With `quantize` (nf4|fp4: QLoRA, illada.qlora)
+the base's projections are bitsandbytes 4-bit layers, quantised one by one from a CPU load onto the device, and
+compute in bf16 on CUDA (fp32 on CPU); the KL reference is then that 4-bit base.
 """
 from __future__ import annotations
 
@@ -83,7 +85,14 @@ class RLTrainer:
         if cfg.prompts_per_step % self.env.world_size:
             raise IlladaError(f"rl: prompts_per_step ({cfg.prompts_per_step}) must divide among "
                               f"{self.env.world_size} processes")
-        self.lm = illada.load(self.init_path, device=device)
+        compute = torch.float32 if device.type == "cpu" else torch.bfloat16  # QLoRA's (no autocast in rl)
+        if cfg.quantize:  # bitsandbytes and its 4-bit layers on this device, before anything is loaded
+            from illada.qlora import check_backend
+
+            check_backend(cfg.quantize, device, compute)
+        # QLoRA loads on the CPU: its projections go to the device one by one, in 4 bits (illada.qlora)
+        self.lm = illada.load(self.init_path, device="cpu" if cfg.quantize else device,
+                              dtype=compute if cfg.quantize else None)
         if self.lm.config.causal:
             raise IlladaError("rl: the model is causal (autoregressive); illada rl trains masked diffusion models")
         self.model = self.lm.model
@@ -92,12 +101,18 @@ class RLTrainer:
         if cfg.lora_r:
             from illada.lora import wrap
 
+            base_count = self.model.num_parameters()  # a 4-bit Params4bit's numel is its packed bytes
+            if cfg.quantize:
+                from illada.qlora import quantize_base
+
+                quantize_base(self.model, cfg.quantize, device, compute).to(device)
             self.peft = wrap(self.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
                              base=str(self.init_path.resolve()), seed=cfg.seed)
             if self.env.is_main:
-                trained, total = sum(p.numel() for p in self.model.parameters() if p.requires_grad), \
-                    self.model.num_parameters()
-                print(f"illada: LoRA r={cfg.lora_r} on {cfg.lora_targets}: {trained:,} trainable parameters "
+                trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+                total = base_count + trained
+                kind = f"QLoRA ({cfg.quantize} base)" if cfg.quantize else "LoRA"
+                print(f"illada: {kind} r={cfg.lora_r} on {cfg.lora_targets}: {trained:,} trainable parameters "
                       f"({100 * trained / total:.2f}% of {total:,}); the KL reference is the base, adapters off",
                       file=sys.stderr)
         else:
@@ -262,6 +277,8 @@ class RLTrainer:
                          "last": history_tail}
         if self.peft is not None:
             trainer_state["lora"] = True
+        if self.cfg.quantize:
+            trainer_state["quantize"] = self.cfg.quantize
         return save_training_checkpoint(self.out_dir, step, state, training_state, trainer_state,
                                         self.lm.config, self.cfg.to_dict(), tokenizer=self.lm.tokenizer,
                                         keep=self.cfg.keep_checkpoints, adapter=self.peft)
@@ -272,6 +289,11 @@ class RLTrainer:
             have, want = ("a LoRA", "full") if trainer_state.get("lora") else ("a full", "LoRA")
             raise IlladaError(f"rl: {path} is {have} RL checkpoint; this run is {want} RL (--lora-r "
                               f"{self.cfg.lora_r}): resume with the run's own settings")
+        if trainer_state.get("quantize") != self.cfg.quantize:  # the adapters fit either base: refuse the other
+            have, want = (f"--quantize {q}" if q else "a full-precision base"
+                          for q in (trainer_state.get("quantize"), self.cfg.quantize))
+            raise IlladaError(f"rl: {path} was trained on {have}; this run has {want}: resume with the run's own "
+                              "settings")
         if self.peft is not None:
             from illada.lora import model_keys
 

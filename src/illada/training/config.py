@@ -11,6 +11,7 @@ from illada.config import ModelConfig, is_finite_number, type_mismatch
 from illada.errors import IlladaError
 from illada.files import loads_strict
 from illada.lora import TARGETS as LORA_TARGETS, check_settings as check_lora
+from illada.qlora import check_settings as check_qlora
 
 OBJECTIVES = ("diffusion", "ar", "sft-pairs")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
@@ -34,6 +35,7 @@ class TrainConfig:
     lora_alpha: int = 16  # LoRA scale: the update is (lora_alpha / lora_r) B A
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: str = ",".join(LORA_TARGETS)  # comma-separated Linear layers that get adapters (attention and MLP projections)
+    quantize: str | None = None  # QLoRA (the qlora extra, bitsandbytes): nf4 | fp4, the frozen base's attention and MLP projections held in 4 bits under the --lora-r adapters
     resume_from: str | None = None  # resume from this checkpoint of the run instead of the newest (e.g. past a corrupt one)
     seq_len: int = 256  # tokens per training row
     micro_batch_size: int = 8           # rows per forward on each process
@@ -112,6 +114,9 @@ class TrainConfig:
         check_lora(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)
         if self.lora_r and not self.init_from:
             raise IlladaError("train: --lora-r needs --init-from (LoRA adapts an existing model)")
+        check_qlora(self.quantize, self.lora_r)
+        if self.quantize and self.distributed == "fsdp":
+            raise IlladaError("train: --quantize (QLoRA) runs on one process or under DDP, not --distributed fsdp")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

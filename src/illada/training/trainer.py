@@ -143,6 +143,11 @@ class Trainer:
         from illada.checkpoint import load_checkpoint
 
         cfg = self.cfg
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        if cfg.quantize:  # bitsandbytes and its 4-bit layers on this device, before anything is loaded
+            from illada.qlora import check_backend
+
+            check_backend(cfg.quantize, self.device, torch.bfloat16 if use_bf16 else torch.float32)
         if cfg.init_from:  # a checkpoint, a run directory (its newest checkpoint), a bundled name or a hub id
             from illada.sources import resolve_model_dir
 
@@ -171,13 +176,19 @@ class Trainer:
         if cfg.lora_r:
             from illada.lora import wrap
 
+            base_count = model.num_parameters()  # a 4-bit Params4bit's numel is its packed bytes
+            if cfg.quantize:  # QLoRA: the projections become 4-bit bitsandbytes layers on the device (illada.qlora)
+                from illada.qlora import quantize_base
+
+                quantize_base(model, cfg.quantize, self.device, torch.bfloat16 if use_bf16 else torch.float32)
             self.peft = wrap(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
                              base=str(Path(self.init_path).resolve()), seed=cfg.seed)
             if self.env.is_main:
                 trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                print(f"illada: LoRA r={cfg.lora_r} on {cfg.lora_targets}: {trained:,} trainable parameters "
-                      f"({100 * trained / model.num_parameters():.2f}% of {model.num_parameters():,})",
-                      file=sys.stderr)
+                total = base_count + trained
+                kind = f"QLoRA ({cfg.quantize} base)" if cfg.quantize else "LoRA"
+                print(f"illada: {kind} r={cfg.lora_r} on {cfg.lora_targets}: {trained:,} trainable parameters "
+                      f"({100 * trained / total:.2f}% of {total:,})", file=sys.stderr)
         self.model = model.to(self.device)
         self.wrapped = parallelize(self.model, cfg.distributed, self.env, self.device,
                                    activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
@@ -186,7 +197,6 @@ class Trainer:
                                            lr=cfg.lr, betas=cfg.betas, fused=fused or None)
         self.schedule = build_schedule_for(cfg)
         self.objective = make_objective(cfg, model_config)
-        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
         self.flops_per_token = flops_per_token(model_config, cfg.seq_len)
@@ -198,7 +208,10 @@ class Trainer:
 
         # a LoRA run's state is its adapters: the frozen base is --init-from's, unchanged
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.peft is not None)
-        return get_state_dict(self.wrapped, self.optimizer, options=options)
+        model_state, optim_state = get_state_dict(self.wrapped, self.optimizer, options=options)
+        if self.cfg.quantize:  # a 4-bit layer's quantisation state (absmax, ...) is no parameter: not dropped above
+            model_state = {k: v for k, v in model_state.items() if ".lora_" in k}
+        return model_state, optim_state
 
     def _restore(self, path: Path) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -208,6 +221,11 @@ class Trainer:
             have, want = ("LoRA", "full") if trainer_state.get("lora") else ("full", "LoRA")
             raise IlladaError(f"{path} is a {have} fine-tuning checkpoint; this run is {want} fine-tuning "
                               f"(--lora-r {self.cfg.lora_r}): resume with the run's own settings")
+        if trainer_state.get("quantize") != self.cfg.quantize:  # the adapters fit either base: refuse the other
+            have, want = (f"--quantize {q}" if q else "a full-precision base"
+                          for q in (trainer_state.get("quantize"), self.cfg.quantize))
+            raise IlladaError(f"{path} was trained on {have}; this run has {want}: resume with the run's own "
+                              "settings")
         if self.peft is not None:
             from illada.lora import model_keys
 
@@ -275,6 +293,8 @@ class Trainer:
                 training_state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
             if self.peft is not None:
                 trainer_state["lora"] = True
+            if self.cfg.quantize:
+                trainer_state["quantize"] = self.cfg.quantize
             path = save_training_checkpoint(self.out_dir, step, model_state, training_state, trainer_state,
                                             self.model_config, self.cfg.to_dict(), tokenizer=self.tokenizer,
                                             keep=self.cfg.keep_checkpoints, adapter=self.peft)
