@@ -157,6 +157,22 @@ def test_humaneval_runner_scores_in_the_sandbox(monkeypatch, tmp_path, sandbox_a
     assert run_python(program).passed
 
 
+def test_fewshot_prompts_that_do_not_fit_drop_their_last_shots(tmp_path, capsys):
+    """8 long shots cannot fit a 512-token context with room to answer: the last shots go (a note says so, the
+    log records each sample's count), instead of the eval stopping with 'the prompt fills the model context'."""
+    lm = tiny_lm()
+    pool = [{"question": f"Question number {i}: " + "how many apples are there " * 6 + "?",
+             "answer": f"{i} apples\n#### {i}"} for i in range(12)]
+    sample = [{"question": "What is 2 + 2?", "answer": "#### 4"}]
+    task = PRESETS["gsm8k"].replace(num_fewshot=8, max_new_tokens=16, block_length=8)
+    result = evaluate(lm, task, sample, fewshot_pool=pool, progress=False, log_path=tmp_path / "l.jsonl")
+    record = json.loads((tmp_path / "l.jsonl").read_text())
+    room = min(16, lm.config.max_seq_len // 2)
+    assert 0 < record["shots"] < 8 and record["prompt"].count("Question:") == record["shots"] + 1
+    assert len(lm.tokenizer.encode(record["prompt"])) <= lm.config.max_seq_len - room
+    assert result.n == 1 and "the last shots are dropped" in capsys.readouterr().err
+
+
 def test_gsm8k_runner_extracts_and_logs(monkeypatch, tmp_path):
     lm = tiny_lm()
     samples = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i:,}"}

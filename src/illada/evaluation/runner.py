@@ -189,19 +189,31 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
                     timeout: float, allow_unsandboxed: bool = False) -> tuple[list[dict], int, int]:
     """(records, forward passes, rows through the model: a pass over B rows counts B) of one batch."""
     tok = lm.tokenizer
-    prompts = []
-    for sample, demo in zip(chunk, shots):
+
+    def render(sample: dict, demo: list[dict]) -> str:
         if preset.kind == "mmlu":
-            prompt = (tok.apply_chat_template(tasks.mmlu_messages(sample, demo)) if preset.chat
-                      else tasks.mmlu_request(sample, demo)[0])
-        elif preset.kind == "gsm8k":
-            prompt = (tok.apply_chat_template(tasks.gsm8k_messages(sample, demo)) if preset.chat
-                      else tasks.gsm8k_prompt(sample, demo))
-        elif preset.kind == "exact":
-            prompt = sample["prompt"]
-        else:
-            prompt = tok.apply_chat_template(tasks.humaneval_messages(sample)) if preset.chat else sample["prompt"]
+            return (tok.apply_chat_template(tasks.mmlu_messages(sample, demo)) if preset.chat
+                    else tasks.mmlu_request(sample, demo)[0])
+        if preset.kind == "gsm8k":
+            return (tok.apply_chat_template(tasks.gsm8k_messages(sample, demo)) if preset.chat
+                    else tasks.gsm8k_prompt(sample, demo))
+        if preset.kind == "exact":
+            return sample["prompt"]
+        return tok.apply_chat_template(tasks.humaneval_messages(sample)) if preset.chat else sample["prompt"]
+
+    # a k-shot prompt must leave room to answer: the last shots go until it does (as many as fit; a note says so)
+    room = min(preset.sampling.gen_length, lm.config.max_seq_len // 2)
+    prompts, used = [], []
+    for sample, demo in zip(chunk, shots):
+        demo = list(demo)
+        prompt = render(sample, demo)
+        while demo and len(tok.encode(prompt)) > lm.config.max_seq_len - room:
+            demo.pop()
+            prompt = render(sample, demo)
         prompts.append(prompt)
+        used.append(len(demo))
+    if any(n < len(d) for n, d in zip(used, shots)):
+        _note_fewer_shots(preset, lm, min(used))
     sampling = preset.sampling
     outputs: list[str] = [""] * len(chunk)
     lengths = [0] * len(chunk)  # generated tokens of each row, up to its stop
@@ -225,7 +237,8 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
     for index, (sample, prompt, output) in enumerate(zip(chunk, prompts, outputs)):
         output = _cut_at_stop(output, sampling.stop_strings)
         # passes: the forward passes that worked on this row (a finished row riding along is not counted)
-        record = {"prompt": prompt, "output": output, "generated_tokens": lengths[index], "passes": passes[index]}
+        record = {"prompt": prompt, "output": output, "generated_tokens": lengths[index], "passes": passes[index],
+                  "shots": used[index]}
         if preset.kind == "exact":
             record.update(target=sample["answer"],
                           correct=tasks.exact_normal(output) == tasks.exact_normal(sample["answer"]))
@@ -277,6 +290,19 @@ def print_table(results: list[EvalResult], file=None) -> None:
     if not console.is_terminal:  # a log or a pipe: the whole table, not one squeezed into 80 columns
         console = Console(file=file or sys.stdout, width=160)
     console.print(table)
+
+
+_NOTED: set = set()
+
+
+def _note_fewer_shots(preset: TaskPreset, lm, fewest: int) -> None:
+    """Once per task and model: its k-shot prompts do not all fit the context with room to answer."""
+    key = (preset.name, lm.name, preset.num_fewshot)
+    if key not in _NOTED:
+        _NOTED.add(key)
+        print(f"illada: note: {preset.name}: {preset.num_fewshot}-shot prompts do not fit the context of {lm.name} "
+              f"({lm.config.max_seq_len} tokens) with room to answer; the last shots are dropped (as few as "
+              f"{fewest}; each sample's count is in the log)", file=sys.stderr)
 
 
 def _infill_knobs(sampling) -> dict:
