@@ -394,8 +394,9 @@ def test_ar_pairs_loss_is_next_token_ce_on_the_responses_only():
     model = build_model(config, seed=3).eval()
     ids = torch.tensor([[5, 6, 7, 8, 9, 2, 2], [11, 12, 13, 14, 15, 16, 17]])
     prompt_lengths = torch.tensor([3, 5])
-    loss, stats = AutoregressiveObjective()(model, {"input_ids": ids, "prompt_lengths": prompt_lengths})
-    logits = model(ids).float()
+    with torch.no_grad():
+        loss, stats = AutoregressiveObjective()(model, {"input_ids": ids, "prompt_lengths": prompt_lengths})
+        logits = model(ids).float()
     terms = [-torch.log_softmax(logits[r, j - 1], -1)[ids[r, j]] for r in range(2)
              for j in range(int(prompt_lengths[r]), ids.shape[1])]  # each response token from its left context
     assert int(stats["predicted_tokens"]) == len(terms) == 4 + 2
