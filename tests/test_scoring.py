@@ -128,6 +128,42 @@ def test_mc_mean_over_seeds_converges_to_exact_elbo():
     assert exact < 0
 
 
+def exact_infill_elbo(model, prefix, gap, suffix):
+    """exact_elbo with visible text after the gap: every masking pattern of the gap, prefix and suffix kept."""
+    n, total = len(gap), 0.0
+    for l in range(1, n + 1):
+        subsets = list(itertools.combinations(range(n), l))
+        for subset in subsets:
+            x = list(prefix) + [MASK if i in subset else a for i, a in enumerate(gap)] + list(suffix)
+            lp = logprobs(model, x)
+            total += (1 / n) * (1 / len(subsets)) * (n / l) * sum(lp[len(prefix) + i, gap[i]].item() for i in subset)
+    return total
+
+
+def test_mc_infill_likelihood_with_a_suffix():
+    """suffix_ids: log p(gap | prefix, suffix). One token: exact, read at the gap with the suffix visible; longer:
+    the MC mean converges to the ELBO enumerated with the suffix in place; rows of a batch with different suffixes
+    give what they give alone."""
+    model = sharp_model(5)
+    prefix, suffix = [10, 11, 12], [60, 61]
+    want = logprobs(model, prefix + [MASK] + suffix)[len(prefix), 44].item()
+    assert mc_loglikelihood(model, prefix, [44], suffix_ids=suffix, mask_id=MASK) == pytest.approx(want, abs=1e-4)
+    assert mc_loglikelihood(model, prefix, [44], mask_id=MASK) != pytest.approx(want, abs=1e-3)  # the suffix counts
+    gap = [40, 41, 42]
+    exact = exact_infill_elbo(model, prefix, gap, suffix)
+    estimates = np.array([mc_loglikelihood(model, prefix, gap, suffix_ids=suffix, mc_num=8, mask_id=MASK, seed=s)
+                          for s in range(150)])
+    stderr = estimates.std(ddof=1) / math.sqrt(len(estimates))
+    assert stderr > 0 and abs(estimates.mean() - exact) < 4 * stderr + 1e-6
+    batch = mc_loglikelihood(model, [prefix, [20]], [gap, [44, 45]], suffix_ids=[suffix, [70, 71, 72]], mc_num=4,
+                             mask_id=MASK, seed=1)
+    alone = [mc_loglikelihood(model, prefix, gap, suffix_ids=suffix, mc_num=4, mask_id=MASK, seed=1),
+             mc_loglikelihood(model, [20], [44, 45], suffix_ids=[70, 71, 72], mc_num=4, mask_id=MASK, seed=1)]
+    assert batch == pytest.approx(alone, abs=1e-4)
+    with pytest.raises(IlladaError, match="one per continuation"):
+        mc_loglikelihood(model, prefix, [gap, gap], suffix_ids=[suffix], mask_id=MASK)
+
+
 def test_mc_deterministic_and_batch_independent():
     model = sharp_model(4)
     ctx = [5, 6, 7]

@@ -129,6 +129,7 @@ def mc_loglikelihood(
     mask_id: int | None = None,
     seed: int = 0,
     eos_id: int | None = None,
+    suffix_ids: Tokens | Sequence[Tokens] | None = None,
 ) -> float | list[float]:
     """Monte Carlo lower bound on log p(continuation | context) in nats (reference §6.1).
 
@@ -136,6 +137,8 @@ def mc_loglikelihood(
     one shared context or one per continuation). `batch_size` rows per forward pass (the values do not depend on
     it); a continuation of length 1 costs one row (exact), any other `mc_num` rows. Deterministic given `seed`.
     With `eos_id`, one EOS follows the continuation (context + continuation + EOS, the published iLLaDA input).
+    `suffix_ids` (one token list, or one per continuation): visible text after the continuation, so the value is
+    the infill likelihood log p(gap | prefix, suffix) (before the EOS, if any; context for CFG too).
     """
     if mc_num < 1 or batch_size < 1:
         raise IlladaError(f"mc_num and batch_size must be >= 1, got {mc_num} and {batch_size}")
@@ -143,8 +146,19 @@ def mc_loglikelihood(
         raise IlladaError(f"cfg_scale must be >= 0, got {cfg_scale}")
     mask_id = resolve_mask_id(model, mask_id)
     pairs, single = as_pairs(context_ids, continuation_ids)
-    tail = [] if eos_id is None else [int(eos_id)]
-    check_fits(model, pairs, extra=len(tail))
+    eos_tail = [] if eos_id is None else [int(eos_id)]
+    if isinstance(suffix_ids, torch.Tensor):
+        suffix_ids = suffix_ids.tolist()
+    if suffix_ids is None:
+        suffixes = [[] for _ in pairs]
+    elif len(suffix_ids) and isinstance(suffix_ids[0], (list, tuple)):
+        suffixes = [[int(t) for t in s] for s in suffix_ids]
+        if len(suffixes) != len(pairs):
+            raise IlladaError(f"suffix_ids: one per continuation expected ({len(pairs)}), got {len(suffixes)}")
+    else:
+        suffixes = [[int(t) for t in suffix_ids]] * len(pairs)
+    tails = [suffix + eos_tail for suffix in suffixes]  # visible tokens after each continuation
+    check_fits(model, pairs, extra=max(len(t) for t in tails))
     device = model_device(model)
 
     # Every row: (pair index, masked positions of the continuation, weight L / l).
@@ -165,16 +179,17 @@ def mc_loglikelihood(
             noisy = list(cont)
             for i in masked:
                 noisy[i] = mask_id
-            token_rows.append(ctx + noisy + tail)
-            targets.append((len(ctx), cont, masked))
+            token_rows.append(ctx + noisy + tails[index])
+            targets.append((len(ctx), cont, masked, tails[index]))
         ids, attention_mask = left_pad_rows(token_rows, mask_id, device)
         width = ids.shape[1]
         context_cols = torch.zeros_like(ids, dtype=torch.bool)
-        for r, (n_ctx, cont, _) in enumerate(targets):
+        for r, (n_ctx, cont, _, tail) in enumerate(targets):
             first = width - len(tail) - len(cont) - n_ctx
             context_cols[r, first:first + n_ctx] = True
+            context_cols[r, width - len(tail):width - len(eos_tail)] = True  # the suffix is context too
         logp = torch.log_softmax(guided_logits(model, ids, attention_mask, context_cols, mask_id, cfg_scale), -1)
-        for r, ((index, _, weight), (n_ctx, cont, masked)) in enumerate(zip(chunk, targets)):
+        for r, ((index, _, weight), (n_ctx, cont, masked, tail)) in enumerate(zip(chunk, targets)):
             first = width - len(tail) - len(cont)
             cols = torch.tensor([first + i for i in masked], device=device)
             gold = torch.tensor([cont[i] for i in masked], device=device)
