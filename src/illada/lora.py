@@ -94,6 +94,21 @@ def save_adapter(peft_model, directory: str | Path, state: dict[str, torch.Tenso
                                save_embedding_layers=False)  # no embedding is adapted
 
 
+def check_resume_mode(path: Path, trainer_state: dict, lora_r: int, quantize: str | None, kind: str,
+                      prefix: str = "") -> None:
+    """Refuse to resume a checkpoint of the other mode: LoRA vs full (`kind`: "fine-tuning", "RL"), or adapters
+    trained on another base (`--quantize`): the adapters would fit either."""
+    if (lora_r > 0) != bool(trainer_state.get("lora")):
+        have, want = ("LoRA", "full") if trainer_state.get("lora") else ("full", "LoRA")
+        raise IlladaError(f"{prefix}{path} is a {have} {kind} checkpoint; this run is {want} {kind} (--lora-r "
+                          f"{lora_r}): resume with the run's own settings")
+    if trainer_state.get("quantize") != quantize:
+        have, want = (f"--quantize {q}" if q else "a full-precision base"
+                      for q in (trainer_state.get("quantize"), quantize))
+        raise IlladaError(f"{prefix}{path} was trained on {have}; this run has {want}: resume with the run's own "
+                          "settings")
+
+
 def model_keys(state: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> dict[str, torch.Tensor]:
     """An adapter file's tensors (PEFT keys) under the names of `model`'s trainable adapter parameters."""
     names = {peft_key(name): name for name, p in model.named_parameters() if p.requires_grad}

@@ -285,17 +285,11 @@ class RLTrainer:
 
     def restore(self, path: Path) -> int:
         model_state, training_state, trainer_state = load_training_checkpoint(path)
-        if (self.peft is not None) != bool(trainer_state.get("lora")):
-            have, want = ("a LoRA", "full") if trainer_state.get("lora") else ("a full", "LoRA")
-            raise IlladaError(f"rl: {path} is {have} RL checkpoint; this run is {want} RL (--lora-r "
-                              f"{self.cfg.lora_r}): resume with the run's own settings")
-        if trainer_state.get("quantize") != self.cfg.quantize:  # the adapters fit either base: refuse the other
-            have, want = (f"--quantize {q}" if q else "a full-precision base"
-                          for q in (trainer_state.get("quantize"), self.cfg.quantize))
-            raise IlladaError(f"rl: {path} was trained on {have}; this run has {want}: resume with the run's own "
-                              "settings")
+        from illada.lora import check_resume_mode, model_keys
+
+        check_resume_mode(path, trainer_state, self.cfg.lora_r if self.peft is not None else 0, self.cfg.quantize,
+                          "RL", prefix="rl: ")
         if self.peft is not None:
-            from illada.lora import model_keys
 
             model_state = model_keys(model_state, self.model, str(path))
         try:

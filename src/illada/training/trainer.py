@@ -217,17 +217,11 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         model_state, training_state, trainer_state = load_training_checkpoint(path)
-        if (self.peft is not None) != bool(trainer_state.get("lora")):
-            have, want = ("LoRA", "full") if trainer_state.get("lora") else ("full", "LoRA")
-            raise IlladaError(f"{path} is a {have} fine-tuning checkpoint; this run is {want} fine-tuning "
-                              f"(--lora-r {self.cfg.lora_r}): resume with the run's own settings")
-        if trainer_state.get("quantize") != self.cfg.quantize:  # the adapters fit either base: refuse the other
-            have, want = (f"--quantize {q}" if q else "a full-precision base"
-                          for q in (trainer_state.get("quantize"), self.cfg.quantize))
-            raise IlladaError(f"{path} was trained on {have}; this run has {want}: resume with the run's own "
-                              "settings")
+        from illada.lora import check_resume_mode, model_keys
+
+        check_resume_mode(path, trainer_state, self.cfg.lora_r if self.peft is not None else 0, self.cfg.quantize,
+                          "fine-tuning")
         if self.peft is not None:
-            from illada.lora import model_keys
 
             model_state = model_keys(model_state, self.model, str(path))
         if self.model_config.tie_word_embeddings:
