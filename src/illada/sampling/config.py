@@ -177,10 +177,6 @@ class SamplingConfig:
             changes["end_think_ids"] = special.end_think
         return dataclasses.replace(self, **changes) if changes else self
 
-    def key(self) -> tuple:
-        """A hashable form (rows with equal keys may share a batch)."""
-        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
-
 
 def token_ids(cfg, model) -> tuple[int, list[int], int | None]:
     """(mask id, [EOS, EOT] ids present, EOS) of a sampler config, falling back to the model config's ids."""
