@@ -221,9 +221,11 @@ def _generate_batch(lm, preset: TaskPreset, chunk: list[dict], shots: list[list[
     batch_nfe = batch_passes = 0
     gaps = [i for i, sample in enumerate(chunk) if "suffix" in sample]
     if gaps:  # holes before a suffix: filled in place, as many tokens as the answer has
+        from illada.sampling import InfillConfig
+
         sizes = [len(tok.encode(chunk[i]["answer"])) for i in gaps]
         filled, out = lm.infill([prompts[i] for i in gaps], [chunk[i]["suffix"] for i in gaps], sizes,
-                                return_output=True, seed=seed, **_infill_knobs(sampling))
+                                return_output=True, seed=seed, **InfillConfig.knobs_of(sampling))
         for i, text, size, own in zip(gaps, filled, sizes, out.row_nfe.tolist()):
             outputs[i], lengths[i], passes[i] = text, size, own
         batch_passes, batch_nfe = batch_passes + out.nfe * len(gaps), batch_nfe + out.nfe
@@ -303,12 +305,3 @@ def _note_fewer_shots(preset: TaskPreset, lm, fewest: int) -> None:
         print(f"illada: note: {preset.name}: {preset.num_fewshot}-shot prompts do not fit the context of {lm.name} "
               f"({lm.config.max_seq_len} tokens) with room to answer; the last shots are dropped (as few as "
               f"{fewest}; each sample's count is in the log)", file=sys.stderr)
-
-
-def _infill_knobs(sampling) -> dict:
-    """The preset's sampler knobs that apply to filling a gap (the hole's length is the answer's; one token per
-    pass unless a parallel rule is set; no blocks; a cache caches around the gap)."""
-    from illada.sampling import InfillConfig
-
-    skip = {"steps", "seed", "mask_id", "eos_token_id", "eot_token_id", "pad_token_id"}
-    return {name: getattr(sampling, name) for name in InfillConfig.option_names() - skip if hasattr(sampling, name)}

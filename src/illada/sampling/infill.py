@@ -80,6 +80,13 @@ class InfillConfig:
     def option_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
 
+    @classmethod
+    def knobs_of(cls, sampling) -> dict:
+        """The decoding knobs of a `SamplingConfig` that apply to a canvas with holes: not its steps (counted per
+        block there), seed or token ids (each caller sets its own)."""
+        skip = {"steps", "seed", "mask_id", "eos_token_id", "eot_token_id", "pad_token_id"}
+        return {name: getattr(sampling, name) for name in cls.option_names() - skip if hasattr(sampling, name)}
+
     @property
     def is_random(self) -> bool:
         return self.temperature > 0 or self.remasking == "random"

@@ -403,8 +403,7 @@ def _parse_infill(body: dict, model: str, handle, limits: Limits,
     if seed is not None:
         options["seed"] = seed
     options["allow_shorter"] = read_bool(body, "illada_allow_shorter", False)
-    shared = {} if defaults is None else {name: getattr(defaults, name) for name in InfillConfig.option_names()
-                                          if hasattr(defaults, name) and name != "steps"}
+    shared = {} if defaults is None else InfillConfig.knobs_of(defaults)
     try:
         config = handle.infill_config(**{**shared, **options})
     except IlladaError as error:
