@@ -16,6 +16,7 @@ from illada.diffusion.objective import (
     diffusion_loss,
     elbo_nll,
     pretrain_loss,
+    random_clean_prefix,
     random_split_segments,
     random_truncate,
     sft_pairs_loss,
@@ -327,6 +328,50 @@ def test_sft_pairs_never_masks_the_prompt_and_matches_hand_computation():
                   for i in range(length) if noisy[r, i] == mask_id)
         expected += row / answer
     assert loss.item() == pytest.approx(expected / b, rel=1e-6)
+
+
+def test_clean_prefix_keeps_leading_response_tokens_and_normalises_by_what_remains():
+    b, length, vocab, mask_id, eos, eps = 2, 8, 6, 5, 4, 1e-3
+    model = FixedLogits(torch.randn(b, length, vocab, generator=gen(43)))
+    ids = torch.tensor([[1, 2, 3, 0, 1, 2, eos, eos],   # prompt 3
+                        [2, 2, 1, 1, 3, 0, 1, eos]])    # prompt 2
+    prompt_lengths, prefix = torch.tensor([3, 2]), torch.tensor([2, 0])
+    t = torch.tensor([1.0, 1.0])  # p = 1: every maskable token masked, so the mask is known exactly
+    loss, stats = sft_pairs_loss(model, ids, prompt_lengths, mask_id, eps=eps, t=t, clean_prefix=prefix,
+                                 generator=gen(44))
+    noisy = model.inputs[-1]
+    assert noisy[0].tolist() == [1, 2, 3, 0, 1] + [mask_id] * 3   # prompt + 2 clean response tokens
+    assert noisy[1].tolist() == [2, 2] + [mask_id] * 6
+    expected = 0.0
+    for r, start in ((0, 5), (1, 2)):
+        row = sum(-log_softmax(model.logits[r, i].detach())[ids[r, i]] for i in range(start, length))
+        expected += row / (length - start)
+    assert loss.item() == pytest.approx(expected / b, rel=1e-6)
+    assert int(stats["answer_tokens"]) == 3 + 6
+
+
+def test_random_clean_prefix_is_uniform_within_the_response_and_respects_prob():
+    prompt_lengths = torch.tensor([2, 6] * 2000)
+    prefix = random_clean_prefix(prompt_lengths, 10, 1.0, generator=gen(45))
+    for prompt, answer in ((2, 8), (6, 4)):
+        values = prefix[prompt_lengths == prompt]
+        assert values.min() == 0 and values.max() == answer - 1   # never the whole response
+        counts = torch.bincount(values, minlength=answer).float()
+        expected = len(values) / answer
+        assert ((counts - expected).abs() < 5 * math.sqrt(expected)).all()
+    assert (random_clean_prefix(prompt_lengths, 10, 0.0, generator=gen(46)) == 0).all()
+    chosen = (random_clean_prefix(prompt_lengths, 10, 0.3, generator=gen(47)) > 0).float().mean().item()
+    # a chosen row draws 0 with probability 1/answer, so the visible rate is 0.3 * (1 - mean 1/answer)
+    assert abs(chosen - 0.3 * (1 - (1 / 8 + 1 / 4) / 2)) < 0.03
+
+
+def test_sft_pairs_objective_with_clean_prefix_reports_it_and_validates():
+    model = FixedLogits(torch.randn(4, 8, 6, generator=gen(48)))
+    batch = {"input_ids": torch.randint(0, 4, (4, 8), generator=gen(49)), "prompt_lengths": torch.tensor([2, 3, 2, 4])}
+    _, stats = SFTPairsObjective(mask_id=5, clean_prefix_prob=1.0)(model, batch, gen(50))
+    assert "clean_prefix_tokens" in stats
+    with pytest.raises(IlladaError, match="clean_prefix_prob"):
+        SFTPairsObjective(mask_id=5, clean_prefix_prob=1.5)
 
 
 # ------------------------------------------------------------------------------------------------------ AR loss

@@ -158,6 +158,8 @@ def test_ar_objective_trains_a_causal_model(dataset, tmp_path):
     (["train", "--data", "/nonexistent/dir"], "/nonexistent/dir"),
     (["train", "--data", "X", "--objective", "bogus"], "objective"),
     (["sft", "--data", "X"], "--init-from"),
+    (["train", "--data", "X", "--clean-prefix-prob", "0.5"], "sft-pairs only"),
+    (["train", "--data", "X", "--objective", "sft-pairs", "--clean-prefix-prob", "2"], "clean_prefix_prob"),
 ])
 def test_cli_user_mistakes_exit_2(argv, message, capsys):
     assert main(argv) == 2

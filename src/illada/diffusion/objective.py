@@ -10,7 +10,8 @@ Its expectation is an upper bound on the NLL per token (an ELBO), so exp(loss) b
 - iLLaDA's variable-length SFT *is* `pretrain_loss` on the packed stream of `prompt + response + EOS` examples
   (every token maskable, same random split): use `DiffusionObjective` on such a dataset; nothing SFT-specific.
 - LLaDA's SFT (`sft_pairs_loss`): prompt never masked, response EOS-padded (the padding counted as normal tokens),
-  each row normalised by its answer length (padding included), then averaged over the batch.
+  each row normalised by its answer length (padding included), then averaged over the batch. Optionally
+  (`clean_prefix_prob`) a row also keeps a random response prefix clean, as block diffusion (BD3-LM) trains.
 - `ar_loss`: the autoregressive baseline (`--objective ar`, the same backbone built with `causal=True`).
 
 Every loss returns `(loss, stats)`; stats are detached tensors (no host sync), the trainer converts them.
@@ -95,22 +96,41 @@ def sft_pairs_loss(
     eps: float = 1e-3,
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
+    clean_prefix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """LLaDA SFT on rows `prompt + response + EOS padding` (B, L) with `prompt_lengths` (B,).
 
     Prompt tokens are never masked; the EOS padding is an ordinary target. Each row's sum of CE / p over its masked
-    response tokens is divided by its answer length L - prompt_length (padding included); rows are averaged.
+    response tokens is divided by its maskable length (L - prompt_length, padding included); rows are averaged.
+    `clean_prefix` (B,): that many leading response tokens of each row are also kept clean (see
+    `random_clean_prefix`), and the row is normalised by what remains maskable.
     """
     b, length = input_ids.shape
-    prompt_lengths = prompt_lengths.to(input_ids.device)
-    maskable = torch.arange(length, device=input_ids.device)[None, :] >= prompt_lengths[:, None]
+    visible = prompt_lengths.to(input_ids.device)
+    if clean_prefix is not None:
+        visible = visible + clean_prefix.to(input_ids.device)
+    maskable = torch.arange(length, device=input_ids.device)[None, :] >= visible[:, None]
     noisy, masked, p_mask = forward_mask(input_ids, mask_id, eps=eps, t=t, generator=generator, maskable=maskable)
     logits = model(noisy)
-    answer_lengths = (length - prompt_lengths).clamp(min=1).float()
+    answer_lengths = (length - visible).clamp(min=1).float()
     loss = diffusion_loss(logits, input_ids, masked, p_mask, normaliser=answer_lengths * b)
     stats = _mask_stats(masked, p_mask, eps)
     stats["answer_tokens"] = maskable.sum().detach()
     return loss, stats
+
+
+def random_clean_prefix(prompt_lengths: torch.Tensor, length: int, prob: float, *,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Block-diffusion-style SFT rows: with probability `prob` a row keeps U{0..A-1} leading response tokens
+    clean (A = its response length with padding), else 0. Such a row is the canvas of semi-autoregressive decoding
+    after its earlier blocks were committed, the state iLLaDA's block-by-block sampler actually meets; plain SFT
+    masks the whole response and meets it rarely."""
+    device = prompt_lengths.device
+    b = prompt_lengths.shape[0]
+    answer = (length - prompt_lengths).clamp(min=1)
+    chosen = torch.rand(b, generator=generator, device=device) < prob
+    u = torch.rand(b, generator=generator, device=device)
+    return torch.where(chosen, (u * answer).long().clamp(max=answer - 1), torch.zeros_like(answer))
 
 
 def ar_loss(
@@ -225,15 +245,25 @@ class SFTPairsObjective:
 
     mask_id: int
     eps: float = 1e-3
+    clean_prefix_prob: float = 0.0  # rows given a clean response prefix (random_clean_prefix)
 
     def __post_init__(self) -> None:
         _check_probability("eps", self.eps, low_open=True)
+        _check_probability("clean_prefix_prob", self.clean_prefix_prob)
 
     def __call__(self, model, batch, generator=None):
         if "prompt_lengths" not in batch:
             raise IlladaError("objective sft-pairs needs prompt_lengths in the batch (a 'pairs' dataset)")
-        return sft_pairs_loss(model, batch["input_ids"], batch["prompt_lengths"], self.mask_id, eps=self.eps,
-                              generator=generator)
+        input_ids, prompt_lengths = batch["input_ids"], batch["prompt_lengths"].to(batch["input_ids"].device)
+        clean_prefix = None
+        if self.clean_prefix_prob > 0:
+            clean_prefix = random_clean_prefix(prompt_lengths, input_ids.shape[1], self.clean_prefix_prob,
+                                               generator=generator)
+        loss, stats = sft_pairs_loss(model, input_ids, prompt_lengths, self.mask_id, eps=self.eps,
+                                     generator=generator, clean_prefix=clean_prefix)
+        if clean_prefix is not None:
+            stats["clean_prefix_tokens"] = clean_prefix.sum().detach()
+        return loss, stats
 
 
 @dataclass(frozen=True)

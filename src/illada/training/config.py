@@ -54,6 +54,7 @@ class TrainConfig:
     mask_eps: float = 1e-3  # masking-rate floor: p = (1 - eps) t + eps
     split_prob: float = 0.3             # iLLaDA random split into two independent segments
     truncate_prob: float = 0.0          # LLaDA: 0.01 of batches cut to a random length
+    clean_prefix_prob: float = 0.0      # sft-pairs: rows that keep a random response prefix clean (block-diffusion SFT)
     seed: int = 1234  # seeds the weights, data order and masking noise
     dtype: str = "auto"                 # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     compile: bool = False  # torch.compile each Transformer block
@@ -103,8 +104,10 @@ class TrainConfig:
                      "max_bad_steps", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise IlladaError(f"train: {name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.split_prob <= 1.0 or not 0.0 <= self.truncate_prob <= 1.0:
-            raise IlladaError("train: split_prob and truncate_prob must be in [0, 1]")
+        if not all(0.0 <= p <= 1.0 for p in (self.split_prob, self.truncate_prob, self.clean_prefix_prob)):
+            raise IlladaError("train: split_prob, truncate_prob and clean_prefix_prob must be in [0, 1]")
+        if self.clean_prefix_prob > 0 and self.objective != "sft-pairs":
+            raise IlladaError("train: clean_prefix_prob applies to --objective sft-pairs only")
         if not 0.0 < self.mask_eps < 1.0:
             raise IlladaError("train: mask_eps must be in (0, 1)")
         if self.lr <= 0 or self.min_lr < 0:

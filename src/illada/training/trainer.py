@@ -74,7 +74,8 @@ def make_objective(cfg: TrainConfig, model_config: ModelConfig):
     if model_config.mask_token_id is None:
         raise IlladaError("the model has no mask_token_id (set it in the tokenizer or model_overrides)")
     if cfg.objective == "sft-pairs":
-        return obj.SFTPairsObjective(mask_id=model_config.mask_token_id, eps=cfg.mask_eps)
+        return obj.SFTPairsObjective(mask_id=model_config.mask_token_id, eps=cfg.mask_eps,
+                                     clean_prefix_prob=cfg.clean_prefix_prob)
     return obj.DiffusionObjective(mask_id=model_config.mask_token_id, eps=cfg.mask_eps, split_prob=cfg.split_prob,
                                   truncate_prob=cfg.truncate_prob)
 
