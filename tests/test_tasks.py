@@ -70,6 +70,25 @@ def test_arithmetic_answers_are_right_and_working_is_true(variant):
                           "999 * 99 = 999 * 99 + 999 * 99 = 99999 + 99999 = 99999"}, shapes
 
 
+def test_arithmetic_templates_restrict_the_kinds_and_keep_the_split():
+    full, only = get_task("arithmetic"), get_task("arithmetic", "aligned", ["add", "sub"])
+    records = make_records(only, "train", 500, "eval", seed=2)
+    kinds = {re.sub(r"\d+", "N", r["question"]) for r in records}
+    assert kinds == {"What is N + N?", "What is N - N?"}
+    for r in records:
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", r["question"]).groups()
+        assert int(r["answer"].rsplit("#### ", 1)[1]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    # the split is the full task's: a restricted train question is never a test question of the full task
+    test = {r["question"] for r in make_records(full, "test", 300, "eval", seed=0)}
+    assert not test & {r["question"] for r in records}
+    assert {r["question"] for r in make_records(only, "test", 100, "eval", seed=1)} <= {
+        e.key for e in _take(full.examples("test", 0), 50000)}
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
 @pytest.mark.parametrize("name", list(TASKS))
 def test_generators_are_deterministic_for_a_seed(name):
     task = get_task(name)
@@ -173,6 +192,8 @@ def test_completion_records_split_the_pretraining_document():
     (["arithmetic", "--n", "-4"], "n must be a positive integer"),
     (["reversal", "--n", "3", "--variant", "x"], "variant must be one of"),
     (["reversal", "--split", "test", "--n", "500"], "fewer than 500 distinct problems"),
+    (["arithmetic", "--n", "3", "--templates", "add,pow"], "templates must be among"),
+    (["sudoku", "--n", "3", "--templates", "add"], "arithmetic only"),
 ])
 def test_tasks_make_cli_mistakes_are_one_line(tmp_path, capsys, argv, message):
     code = cli.main(["tasks", "make", *argv, "--out", str(tmp_path / "x.jsonl")])

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="text | sft | eval (default: text for train, eval for test)")
     make.add_argument("--variant", default=None,
                       help="kind of eval record where a task has several (reversal: reverse | forward | infill)")
+    make.add_argument("--templates", default=None, metavar="KIND,...",
+                      help="arithmetic: only these problem kinds, of add, sub, mul, add_mul, paren_mul, word "
+                           "(default: all)")
     make.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     make.add_argument("--unique", action="store_true",
                       help="no problem twice (default for eval records; may fail if the split is too small)")
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tasks_command != "make":
         raise IlladaError(f"unknown tasks action {args.tasks_command!r}")
-    task = get_task(args.task, args.variant)
+    templates = [t.strip() for t in args.templates.split(",")] if args.templates is not None else None
+    task = get_task(args.task, args.variant, templates)
     fmt = args.format or ("text" if args.split == "train" else "eval")
     records = make_records(task, args.split, args.n, fmt, seed=args.seed, unique=args.unique or fmt == "eval")
     out = write_records(records, args.out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 
+from illada.errors import IlladaError
 from illada.tasks.base import Example, Task
 
 NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Max", "Nia", "Omar",
@@ -102,6 +103,16 @@ class Arithmetic(Task):
     variants = ("default", "aligned", "choice")
     # expression templates are drawn this often each; the rest are word problems
     weights = {"add": 2, "sub": 2, "mul": 3, "add_mul": 3, "paren_mul": 3, "word": 1}
+
+    def __init__(self, variant: str | None = None, templates: list[str] | None = None) -> None:
+        """`templates`: only these kinds (keys of `weights`, e.g. ["add", "sub"]), in their usual proportions."""
+        super().__init__(variant)
+        if templates is not None:
+            unknown = [t for t in templates if t not in self.weights]
+            if unknown or not templates:
+                raise IlladaError(f"task arithmetic: templates must be among {', '.join(self.weights)}, "
+                                  f"got {','.join(templates) or 'none'}")
+            self.weights = {k: w for k, w in self.weights.items() if k in templates}
 
     def example(self, rng: random.Random) -> Example:
         a, b, c = rng.randrange(100), rng.randrange(100), rng.randrange(100)
