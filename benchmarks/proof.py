@@ -113,6 +113,10 @@ def arithmetic_cells(limit: int, batch: int) -> list[Cell]:
     if (aligned[1] / "checkpoints").exists():
         cells.append(Cell("tasks", "arithmetic, aligned working · AR twin (AR SFT, greedy, KV cache)",
                           str(aligned[1]), "gsm8k", ARITH_TEST, long))
+    block = RUNS / "arithmetic" / "aligned-mdm-bd"  # the same, half the rows with a clean response prefix
+    if (block / "checkpoints").exists():
+        cells.append(Cell("tasks", "arithmetic, aligned working · MDM (SFT pairs + clean prefixes, 1 token/pass)",
+                          str(block), "gsm8k", ARITH_TEST, long))
     return cells
 
 
