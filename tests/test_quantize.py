@@ -87,6 +87,11 @@ def _whole_quantized(mode: str):
     model = illada.load(DEFAULT_MODEL).model
     config = q.Int8WeightOnlyConfig() if mode == "int8" else PrototypeInt4WeightOnlyConfig(group_size=128)
     embedding = model.embed_tokens.weight.detach().clone()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
+    if mode == "int4":  # on CPU int4 is quantised from bfloat16 and runs on bfloat16 inputs, its output float32
+        for m in linears:
+            m.weight = nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
+            _bf16_forward(m)
     q.quantize_(model, config, filter_fn=lambda m, _name: isinstance(m, nn.Linear) and m is not model.lm_head)
     table = Int8Tensor.from_hp(embedding, PerRow())
     model.embed_tokens.weight = nn.Parameter(Int8Tensor(table.qdata, table.scale, table.block_size, table.dtype),
@@ -96,10 +101,16 @@ def _whole_quantized(mode: str):
         model.lm_head.weight = model.embed_tokens.weight
     else:
         head = nn.Linear(embedding.shape[1], embedding.shape[0], bias=False)
-        head.weight = nn.Parameter(embedding)
+        head.weight = nn.Parameter(embedding.to(torch.bfloat16))
         q.quantize_(head, config)
         model.lm_head.weight = head.weight
+        _bf16_forward(model.lm_head)
     return model
+
+
+def _bf16_forward(linear: nn.Linear) -> None:
+    plain = linear.forward
+    linear.forward = lambda x: plain(x.to(torch.bfloat16)).float()
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -17,7 +17,9 @@ asks for it): on CPU `PrototypeInt4WeightOnlyConfig` (the `_weight_int4pack_mm_f
 int4 kernel); a tied head gets its own int4 copy, quantised from the same reads. A Linear whose input size is not a
 multiple of 32 (or, on CPU, whose output size is not a multiple of 16) stays in the compute dtype.
 
-Norm weights stay in the compute dtype. Activations are the compute dtype (float32 on CPU by default).
+Norm weights stay in the compute dtype, and so do activations (float32 on CPU by default), except around an int4
+Linear on CPU: it is quantised from bfloat16 and takes bfloat16 inputs, its output cast back (torch's CPU int4
+kernel is ~100x slower with float32 activations).
 """
 from __future__ import annotations
 
@@ -197,6 +199,31 @@ def _blockwise(mode: str, config, device: torch.device, dtype: torch.dtype) -> b
     return _BLOCKWISE[key]
 
 
+def quantization_dtype(mode: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a weight is quantised from, which fixes the activations its kernel takes: bfloat16 for int4 on CPU
+    (torch's `_weight_int4pack_mm_for_cpu` is two orders of magnitude slower with float32 activations), else
+    the compute dtype."""
+    return torch.bfloat16 if mode == "int4" and device.type == "cpu" else dtype
+
+
+def _bf16_in(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].to(torch.bfloat16), *args[1:])
+
+
+def _back_out(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.to(module.activation_dtype)
+
+
+def bfloat16_activations(module: nn.Module, dtype: torch.dtype) -> None:
+    """Run `module` (an int4 Linear quantised from bfloat16) on bfloat16 inputs, its output cast back to `dtype`,
+    so the model around it keeps its compute dtype."""
+    if dtype == torch.bfloat16:
+        return
+    module.activation_dtype = dtype
+    module.register_forward_pre_hook(_bf16_in)
+    module.register_forward_hook(_back_out)
+
+
 def block_rows(in_features: int) -> int:
     """Rows of a weight read and quantised at once: about BLOCK_ELEMENTS weights, a multiple of 64 rows."""
     return max(_ROW_ALIGN, BLOCK_ELEMENTS // max(1, in_features) // _ROW_ALIGN * _ROW_ALIGN)
@@ -209,16 +236,17 @@ def quantize_rows(read: Rows, shape: tuple[int, int], modes: list[str], dtype: t
     does not allow a mode. Mode "embedding" is int8 rows without a zero point (what `QuantizedEmbedding` reads)."""
     rows, in_features = shape
     configs = [_config(mode, shape, device) for mode in modes]
+    dtypes = [quantization_dtype(mode, device, dtype) for mode in modes]
     assemblers = [None if config is None else
-                  _Assembler(config, shape, _blockwise(mode, config, device, dtype))
-                  for mode, config in zip(modes, configs)]
+                  _Assembler(config, shape, _blockwise(mode, config, device, qdtype))
+                  for mode, config, qdtype in zip(modes, configs, dtypes)]
     if any(assemblers):
         step = block_rows(in_features)
         for start in range(0, rows, step):
             block = read(start, min(rows, start + step)).to(device=device, dtype=dtype)
-            for assembler in assemblers:
+            for assembler, qdtype in zip(assemblers, dtypes):
                 if assembler is not None:
-                    assembler.add(start, block)
+                    assembler.add(start, block if qdtype == dtype else block.to(qdtype))
             del block
     out = [None if a is None else a.result() for a in assemblers]
     for i, mode in enumerate(modes):
@@ -260,6 +288,8 @@ def load_linear(module: nn.Linear, read: Rows, mode: str, dtype: torch.dtype, de
                                      requires_grad=module.weight.requires_grad)
         return False
     module.weight = nn.Parameter(weight, requires_grad=False)
+    if quantization_dtype(mode, device, dtype) != dtype:
+        bfloat16_activations(module, dtype)
     return True
 
 
@@ -285,6 +315,8 @@ def load_embedding(model: nn.Module, read: Rows, mode: str, dtype: torch.dtype, 
     if tied:
         if head and head[0] is not None:
             model.lm_head.weight = nn.Parameter(head[0], requires_grad=False)
+            if quantization_dtype(mode, device, dtype) != dtype:
+                bfloat16_activations(model.lm_head, dtype)
         else:  # int8, or a hidden size not a multiple of 32: the head shares the int8 table
             model.lm_head.weight = embed.weight
 
