@@ -28,8 +28,9 @@ SUDOKU_MID_NOTE = ("Start: step 2,750 of the 3,000-step sudoku MDM (recipes/sudo
                    "final decay), 67% of the 100 held-out puzzles; the run's own step 3,000 scores 82%. Held-out: "
                    "those 100 puzzles, greedy, one token per pass, exact grid. Rollouts: 8 prompts x 8 at "
                    "temperature 0.7 with threshold-0.9 decoding, 2 inner updates, lr 1e-4, clip 0.2 "
-                   "(recipes/sudoku-rl-mid.yaml). One CPU thread per run, two runs at once on 2 cores, so seconds "
-                   "per step are comparable with each other only.")
+                   "(recipes/sudoku-rl-mid.yaml); the last two rows 16 prompts x 8 per step at lr 2e-5 and 5e-6. One "
+                   "CPU thread per run, two runs at once on 2 cores (with other work), so seconds per step are "
+                   "comparable with each other only.")
 ADDSUB_NOTE = ("Held-out: 200 test problems (`What is A + B?` / `What is A - B?`, test-split keys), greedy, one "
                "token per pass, exact `#### N`. Rollouts: 8 prompts x 8 at temperature 0.7, one token per pass, 2 "
                "inner updates, lr 5e-5, clip 0.2 (recipes/addsub-rl.yaml). One CPU thread per run, two runs at "
@@ -50,8 +51,8 @@ SUITES = {
                    "prompt": lambda r: r["prompt"], "tokens": 48,
                    "variants": [("coupled, no KL", "mid-coupled", "coupled", 0.0),
                                 ("coupled, KL 0.05", "mid-coupled-kl", "coupled", 0.05),
-                                ("mean-field (d1)", "mid-mean-field", "mean_field", 0.0),
-                                ("ELBO, 2 samples", "mid-elbo", "elbo", 0.0)]},
+                                ("coupled, 16 x 8, lr 2e-5", "mid-coupled-lr2e-5", "coupled", 0.0),
+                                ("coupled, 16 x 8, lr 5e-6", "mid-coupled-lr5e-6", "coupled", 0.0)]},
     "addsub": {"runs": ROOT / "runs" / "addsub", "title": "RL on addition/subtraction from an early-stopped MDM "
                "(`bash recipes/addsub-rl.sh`)", "note": ADDSUB_NOTE, "stem": "addsub",
                "metric": "held-out exact answers", "init": "rl-start", "data": "test.jsonl",
