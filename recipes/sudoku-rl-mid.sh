@@ -14,7 +14,7 @@ $ILLADA rl recipes/sudoku-rl-mid.yaml --no-progress &
 $ILLADA rl recipes/sudoku-rl-mid.yaml --out-dir $RUN/mid-coupled-kl --kl-coef 0.05 --no-progress &
 wait
 # smaller steps on twice the prompts: lr 1e-4 lost 10 points, the noise of Adam's steps on a model mid-decay
-$ILLADA rl recipes/sudoku-rl-mid.yaml --out-dir $RUN/mid-coupled-lr2e-5 --lr 2e-5 --prompts-per-step 16 --no-progress &
+$ILLADA rl recipes/sudoku-rl-mid.yaml --out-dir $RUN/mid-coupled-lr2e-5 --lr 2e-5 --prompts-per-step 16 --steps 160 --no-progress &
 $ILLADA rl recipes/sudoku-rl-mid.yaml --out-dir $RUN/mid-coupled-lr5e-6 --lr 5e-6 --prompts-per-step 16 --no-progress &
 wait
 .venv/bin/python benchmarks/rl_report.py --suite sudoku-mid --out docs/rl
