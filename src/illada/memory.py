@@ -118,7 +118,8 @@ def torchao_linear_bytes(in_features: int, out_features: int, mode: str, compute
     group = _group_size(in_features)
     if group is None:  # stays in the compute dtype
         return out_features * in_features * compute_bytes
-    return out_features * in_features // 2 + (in_features // group) * out_features * 2 * compute_bytes
+    # a scale and a zero point per group, bfloat16 on both devices (CUDA's int4 needs bf16; CPU's is quantised from it)
+    return out_features * in_features // 2 + (in_features // group) * out_features * 2 * 2
 
 
 def bnb_linear_bytes(in_features: int, out_features: int, mode: str) -> int:
