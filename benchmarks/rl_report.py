@@ -1,4 +1,4 @@
-"""The RL report: what `bash recipes/sudoku-rl.sh` (or `addsub-rl.sh`) measured, as a table and a plot under docs/rl/.
+"""The RL report: what `bash recipes/sudoku-rl.sh` (or `sudoku-rl-mid.sh`) measured, as a table and a plot under docs/rl/.
 
 Per variant: held-out accuracy at the start, the best and the last evaluation; the rollout reward of the first and
 last ten steps; the mean within-batch reward std; the KL to the start; seconds per step. Per estimator it also measures
@@ -6,7 +6,7 @@ the spread of the log-likelihood estimate itself: the std over 16 mask draws of 
 token), on 32 rollouts of the start model, side by side in one run.
 
     python benchmarks/rl_report.py --out docs/rl                 # sudoku: docs/rl/rl.md, rl.png
-    python benchmarks/rl_report.py --suite addsub --out docs/rl  # addition/subtraction: docs/rl/addsub.md, .png
+    python benchmarks/rl_report.py --suite sudoku-mid --out docs/rl  # from the 67% start: docs/rl/sudoku-mid.*
 """
 from __future__ import annotations
 
@@ -31,10 +31,6 @@ SUDOKU_MID_NOTE = ("Start: step 2,750 of the 3,000-step sudoku MDM (recipes/sudo
                    "(recipes/sudoku-rl-mid.yaml); the last two rows 16 prompts x 8 per step at lr 2e-5 and 5e-6. One "
                    "CPU thread per run, two runs at once on 2 cores (with other work), so seconds per step are "
                    "comparable with each other only.")
-ADDSUB_NOTE = ("Held-out: 200 test problems (`What is A + B?` / `What is A - B?`, test-split keys), greedy, one "
-               "token per pass, exact `#### N`. Rollouts: 8 prompts x 8 at temperature 0.7, one token per pass, 2 "
-               "inner updates, lr 5e-5, clip 0.2 (recipes/addsub-rl.yaml). One CPU thread per run, two runs at "
-               "once on 2 cores, so seconds per step are comparable with each other only.")
 SUITES = {
     "sudoku": {"runs": ROOT / "runs" / "sudoku", "title": "RL on sudoku from an early-stopped MDM "
                "(`bash recipes/sudoku-rl.sh`)", "note": SUDOKU_NOTE, "stem": "rl", "metric": "held-out exact grids",
@@ -53,14 +49,6 @@ SUITES = {
                                 ("coupled, KL 0.05", "mid-coupled-kl", "coupled", 0.05),
                                 ("coupled, 16 x 8, lr 2e-5", "mid-coupled-lr2e-5", "coupled", 0.0),
                                 ("coupled, 16 x 8, lr 5e-6", "mid-coupled-lr5e-6", "coupled", 0.0)]},
-    "addsub": {"runs": ROOT / "runs" / "addsub", "title": "RL on addition/subtraction from an early-stopped MDM "
-               "(`bash recipes/addsub-rl.sh`)", "note": ADDSUB_NOTE, "stem": "addsub",
-               "metric": "held-out exact answers", "init": "rl-start", "data": "test.jsonl",
-               "prompt": lambda r: f"Question: {r['question']}\nAnswer:", "tokens": 32,
-               "variants": [("coupled, no KL", "rl-coupled", "coupled", 0.0),
-                            ("coupled, KL 0.05", "rl-coupled-kl", "coupled", 0.05),
-                            ("mean-field (d1)", "rl-mean-field", "mean_field", 0.0),
-                            ("ELBO, 2 samples", "rl-elbo", "elbo", 0.0)]},
 }
 
 

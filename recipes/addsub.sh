@@ -9,8 +9,6 @@ mkdir -p $RUN
 [ -f $RUN/train.jsonl ] || $ILLADA tasks make arithmetic --templates add,sub --variant aligned --format completion \
   --n 100000 --seed 3 --out $RUN/train.jsonl
 [ -f $RUN/test.jsonl ] || $ILLADA tasks make arithmetic --templates add,sub --split test --n 400 --out $RUN/test.jsonl
-[ -f $RUN/rl-train.jsonl ] || $ILLADA tasks make arithmetic --templates add,sub --format eval --n 4000 --seed 5 \
-  --out $RUN/rl-train.jsonl
 [ -f $RUN/pairs/manifest.json ] || $ILLADA prepare $RUN/train.jsonl --kind sft --sft-format pairs --tokenizer bytes \
   --out $RUN/pairs --quiet
 $ILLADA train recipes/addsub-mdm.yaml --no-progress
