@@ -28,7 +28,8 @@ SUDOKU_MID_NOTE = ("Start: step 2,750 of the 3,000-step sudoku MDM (recipes/sudo
                    "final decay), 67% of the 100 held-out puzzles; the run's own step 3,000 scores 82%. Held-out: "
                    "those 100 puzzles, greedy, one token per pass, exact grid. Rollouts: 8 prompts x 8 at "
                    "temperature 0.7 with threshold-0.9 decoding, 2 inner updates, lr 1e-4, clip 0.2 "
-                   "(recipes/sudoku-rl-mid.yaml); the last two rows 16 prompts x 8 per step at lr 2e-5 and 5e-6. One "
+                   "(recipes/sudoku-rl-mid.yaml); the last three rows 16 prompts x 8 per step at lr 2e-5 and 5e-6 (the last, "
+                   "seed 1, alone with 2 threads, evaluated every 40 steps). One "
                    "CPU thread per run, two runs at once on 2 cores (with other work), so seconds per step are "
                    "comparable with each other only.")
 SUITES = {
@@ -48,7 +49,8 @@ SUITES = {
                    "variants": [("coupled, no KL", "mid-coupled", "coupled", 0.0),
                                 ("coupled, KL 0.05", "mid-coupled-kl", "coupled", 0.05),
                                 ("coupled, 16 x 8, lr 2e-5", "mid-coupled-lr2e-5", "coupled", 0.0),
-                                ("coupled, 16 x 8, lr 5e-6", "mid-coupled-lr5e-6", "coupled", 0.0)]},
+                                ("coupled, 16 x 8, lr 5e-6", "mid-coupled-lr5e-6", "coupled", 0.0),
+                                ("coupled, 16 x 8, lr 2e-5, seed 1", "mid-coupled-lr2e-5-seed1", "coupled", 0.0)]},
 }
 
 

@@ -17,4 +17,7 @@ wait
 $ILLADA rl recipes/sudoku-rl-mid.yaml --out-dir $RUN/mid-coupled-lr2e-5 --lr 2e-5 --prompts-per-step 16 --steps 160 --no-progress &
 $ILLADA rl recipes/sudoku-rl-mid.yaml --out-dir $RUN/mid-coupled-lr5e-6 --lr 5e-6 --prompts-per-step 16 --no-progress &
 wait
+$ILLADA rl recipes/sudoku-rl-mid.yaml --out-dir $RUN/mid-coupled-lr2e-5-seed1 --lr 2e-5 --prompts-per-step 16 --steps 160 \
+  --seed 1 --eval-every 40 --save-every 40 --threads 2 --no-progress
+wait
 .venv/bin/python benchmarks/rl_report.py --suite sudoku-mid --out docs/rl
