@@ -25,10 +25,10 @@ import time
 import torch
 
 import illada
-from illada.tasks.arithmetic import Arithmetic
+from illada.tasks.arithmetic import Arithmetic, Working
 from illada.tasks.base import Example
 
-TASK = Arithmetic(variant="aligned")
+TASK, WORK = Arithmetic(variant="aligned"), Working(aligned=True)
 OPERANDS = range(10, 100)
 
 
@@ -36,10 +36,11 @@ HOLE = "<|mask:2|>"
 
 
 def record(op: str, a: int, b: int, operand: str) -> str:
-    """The aligned record of `a op b` with `operand` (the hole, or any two digits) shown in place of `b`."""
+    """The aligned record of `a op b` (the task's own working line) with `operand` (the hole, or any two digits)
+    shown in place of `b`."""
     result = a + b if op == "+" else a - b
-    working = (f"{a:02d} + {operand} = {result:03d}" if op == "+"
-               else f"{a:02d} - {operand} = {'-' if result < 0 else '+'}{abs(result):02d}")
+    line = WORK.add(a, b) if op == "+" else WORK.sub(a, b)
+    working = line.replace(f"{op} {b:02d} =", f"{op} {operand} =", 1)
     return f"Question: What is {a} {op} {operand}?\nAnswer: {working}\n#### {result}"
 
 

@@ -32,20 +32,19 @@ SUDOKU_MID_NOTE = ("Start: step 2,750 of the 3,000-step sudoku MDM (recipes/sudo
                    "seed 1, alone with 2 threads, evaluated every 40 steps). One "
                    "CPU thread per run, two runs at once on 2 cores (with other work), so seconds per step are "
                    "comparable with each other only.")
+SUDOKU = {"runs": ROOT / "runs" / "sudoku", "title": "RL on sudoku from an early-stopped MDM "
+          "(`bash recipes/sudoku-rl.sh`)", "note": SUDOKU_NOTE, "stem": "rl", "metric": "held-out exact grids",
+          "init": "mdm-early", "data": "test.jsonl", "prompt": lambda r: r["prompt"], "tokens": 48,
+          "variants": [("coupled, no KL", "rl-coupled", "coupled", 0.0),
+                       ("coupled, KL 0.05", "rl-coupled-kl", "coupled", 0.05),
+                       ("mean-field (d1)", "rl-mean-field", "mean_field", 0.0),
+                       ("ELBO, 2 samples", "rl-elbo", "elbo", 0.0),
+                       ("coupled, token ratio", "rl-coupled-token", "coupled", 0.0),
+                       ("coupled, 4 x 16, lr 5e-5, 120 steps", "rl-coupled-g16", "coupled", 0.0)]}
 SUITES = {
-    "sudoku": {"runs": ROOT / "runs" / "sudoku", "title": "RL on sudoku from an early-stopped MDM "
-               "(`bash recipes/sudoku-rl.sh`)", "note": SUDOKU_NOTE, "stem": "rl", "metric": "held-out exact grids",
-               "init": "mdm-early", "data": "test.jsonl", "prompt": lambda r: r["prompt"], "tokens": 48,
-               "variants": [("coupled, no KL", "rl-coupled", "coupled", 0.0),
-                            ("coupled, KL 0.05", "rl-coupled-kl", "coupled", 0.05),
-                            ("mean-field (d1)", "rl-mean-field", "mean_field", 0.0),
-                            ("ELBO, 2 samples", "rl-elbo", "elbo", 0.0),
-                            ("coupled, token ratio", "rl-coupled-token", "coupled", 0.0),
-                            ("coupled, 4 x 16, lr 5e-5, 120 steps", "rl-coupled-g16", "coupled", 0.0)]},
-    "sudoku-mid": {"runs": ROOT / "runs" / "sudoku", "title": "RL on sudoku from the MDM at 67% "
-                   "(`bash recipes/sudoku-rl-mid.sh`)", "note": SUDOKU_MID_NOTE, "stem": "sudoku-mid",
-                   "metric": "held-out exact grids", "init": "rl-mid-start", "data": "test.jsonl",
-                   "prompt": lambda r: r["prompt"], "tokens": 48,
+    "sudoku": SUDOKU,
+    "sudoku-mid": {**SUDOKU, "title": "RL on sudoku from the MDM at 67% (`bash recipes/sudoku-rl-mid.sh`)",
+                   "note": SUDOKU_MID_NOTE, "stem": "sudoku-mid", "init": "rl-mid-start",
                    "variants": [("coupled, no KL", "mid-coupled", "coupled", 0.0),
                                 ("coupled, KL 0.05", "mid-coupled-kl", "coupled", 0.05),
                                 ("coupled, 16 x 8, lr 2e-5", "mid-coupled-lr2e-5", "coupled", 0.0),

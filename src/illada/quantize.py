@@ -214,10 +214,10 @@ def _back_out(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Ten
     return output.to(module.activation_dtype)
 
 
-def bfloat16_activations(module: nn.Module, dtype: torch.dtype) -> None:
-    """Run `module` (an int4 Linear quantised from bfloat16) on bfloat16 inputs, its output cast back to `dtype`,
-    so the model around it keeps its compute dtype."""
-    if dtype == torch.bfloat16:
+def match_activations(module: nn.Module, mode: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Where `module`'s weight was quantised from another dtype than the compute `dtype` (int4 on CPU), run it on
+    bfloat16 inputs with its output cast back to `dtype`, so the model around it keeps its compute dtype."""
+    if quantization_dtype(mode, device, dtype) == dtype:
         return
     module.activation_dtype = dtype
     module.register_forward_pre_hook(_bf16_in)
@@ -288,8 +288,7 @@ def load_linear(module: nn.Linear, read: Rows, mode: str, dtype: torch.dtype, de
                                      requires_grad=module.weight.requires_grad)
         return False
     module.weight = nn.Parameter(weight, requires_grad=False)
-    if quantization_dtype(mode, device, dtype) != dtype:
-        bfloat16_activations(module, dtype)
+    match_activations(module, mode, device, dtype)
     return True
 
 
@@ -315,8 +314,7 @@ def load_embedding(model: nn.Module, read: Rows, mode: str, dtype: torch.dtype, 
     if tied:
         if head and head[0] is not None:
             model.lm_head.weight = nn.Parameter(head[0], requires_grad=False)
-            if quantization_dtype(mode, device, dtype) != dtype:
-                bfloat16_activations(model.lm_head, dtype)
+            match_activations(model.lm_head, mode, device, dtype)
         else:  # int8, or a hidden size not a multiple of 32: the head shares the int8 table
             model.lm_head.weight = embed.weight
 

@@ -223,7 +223,6 @@ class Trainer:
         check_resume_mode(path, trainer_state, self.cfg.lora_r if self.peft is not None else 0, self.cfg.quantize,
                           "fine-tuning")
         if self.peft is not None:
-
             model_state = model_keys(model_state, self.model, str(path))
         if self.model_config.tie_word_embeddings:
             model_state.pop("lm_head.weight", None)
