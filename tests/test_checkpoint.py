@@ -487,6 +487,8 @@ def test_config_to_hf_round_trip():
     assert config_from_hf(json.loads(json.dumps(data))) == config
     causal = preset("tiny", causal=True).replace(name="ar")
     assert config_from_hf(config_to_hf(causal)) == causal
+    shifted = preset("tiny", shift_logits=True).replace(name="adapted")
+    assert config_from_hf(config_to_hf(shifted)) == shifted and config_from_hf(config_to_hf(config)) == config
 
 
 # -------------------------------------------------------------------------------------------- atomic save

@@ -159,3 +159,15 @@ def test_config_round_trips_through_dict():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(IlladaError, match="bogus"):
         ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_shift_logits_moves_each_prediction_one_position_right():
+    base = build_model(preset("tiny"), seed=3).eval()
+    shifted = build_model(preset("tiny", shift_logits=True), seed=3).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        plain, moved = base(ids), shifted(ids)
+    torch.testing.assert_close(moved[:, 1:], plain[:, :-1])  # position i scores token i from position i - 1
+    torch.testing.assert_close(moved[:, 0], plain[:, 0])
+    with pytest.raises(IlladaError, match="shift_logits"):
+        preset("tiny", causal=True, shift_logits=True)

@@ -16,6 +16,7 @@ from illada.diffusion.objective import (
     diffusion_loss,
     elbo_nll,
     pretrain_loss,
+    random_block,
     random_clean_prefix,
     random_split_segments,
     random_truncate,
@@ -363,6 +364,56 @@ def test_random_clean_prefix_is_uniform_within_the_response_and_respects_prob():
     chosen = (random_clean_prefix(prompt_lengths, 10, 0.3, generator=gen(47)) > 0).float().mean().item()
     # a chosen row draws 0 with probability 1/answer, so the visible rate is 0.3 * (1 - mean 1/answer)
     assert abs(chosen - 0.3 * (1 - (1 / 8 + 1 / 4) / 2)) < 0.03
+
+
+def test_clean_prefix_block_noises_only_the_block_and_masks_the_future_without_loss():
+    b, length, vocab, mask_id, eos, eps = 2, 9, 6, 5, 4, 1e-3
+    model = FixedLogits(torch.randn(b, length, vocab, generator=gen(60)))
+    ids = torch.tensor([[1, 2, 3, 0, 1, 2, 3, eos, eos],   # prompt 3, clean prefix 1, block 3 -> positions 4..6
+                        [2, 2, 1, 1, 3, 0, 1, 2, eos]])    # prompt 2, clean prefix 0, block 9: no future
+    prompt_lengths, prefix, block = torch.tensor([3, 2]), torch.tensor([1, 0]), torch.tensor([3, 9])
+    t = torch.tensor([1.0, 0.5])
+    loss, stats = sft_pairs_loss(model, ids, prompt_lengths, mask_id, eps=eps, t=t, clean_prefix=prefix,
+                                 block=block, generator=gen(61))
+    noisy = model.inputs[-1]
+    assert noisy[0].tolist() == [1, 2, 3, 0] + [mask_id] * 5   # the block (p = 1) and the future (outright)
+    assert (noisy[1, :2] == ids[1, :2]).all()
+    p1 = (1 - eps) * 0.5 + eps
+    row0 = sum(-log_softmax(model.logits[0, i].detach())[ids[0, i]] for i in range(4, 7)) / 3  # the block only
+    row1 = sum(-log_softmax(model.logits[1, i].detach())[ids[1, i]] / p1
+               for i in range(2, length) if noisy[1, i] == mask_id) / (length - 2)
+    assert loss.item() == pytest.approx((row0 + row1) / b, rel=1e-6)
+    assert int(stats["answer_tokens"]) == 3 + 7
+
+
+def test_random_block_is_uniform_on_one_to_max():
+    sizes = random_block(6000, 4, generator=gen(62))
+    counts = torch.bincount(sizes, minlength=5)
+    assert counts[0] == 0 and sizes.max() == 4
+    assert ((counts[1:].float() - 1500).abs() < 5 * math.sqrt(1500)).all()
+
+
+def test_sft_pairs_objective_blocks_only_the_chosen_rows():
+    rows, length, prompt = 2000, 12, 2
+    model = FixedLogits(torch.randn(rows, length, 6, generator=gen(63)))
+    batch = {"input_ids": torch.randint(0, 4, (rows, length), generator=gen(64)),
+             "prompt_lengths": torch.full((rows,), prompt)}
+
+    def blocked_share(**kwargs) -> float:
+        """Rows that look blocked: at most one visible token after the first mask (a block of <= 2 tokens, then
+        the future masked outright)."""
+        SFTPairsObjective(mask_id=5, **kwargs)(model, batch, gen(65))
+        masked = model.inputs[-1][:, prompt:] == 5
+        first = torch.where(masked.any(dim=1), masked.float().argmax(dim=1), torch.full((rows,), length))
+        after = torch.arange(length - prompt)[None, :] > first[:, None]
+        return (((~masked) & after).sum(dim=1) <= 1).float().mean().item()
+
+    assert blocked_share(clean_prefix_prob=1.0, clean_prefix_block=2) == 1.0
+    plain = blocked_share()   # unchosen rows: the whole response noised at rate t
+    half = blocked_share(clean_prefix_prob=0.5, clean_prefix_block=2)
+    assert plain < 0.6 and half == pytest.approx(0.5 + 0.5 * plain, abs=0.04)
+    with pytest.raises(IlladaError, match="clean_prefix_block"):
+        SFTPairsObjective(mask_id=5, clean_prefix_block=4)
 
 
 def test_sft_pairs_objective_with_clean_prefix_reports_it_and_validates():

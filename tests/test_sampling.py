@@ -16,10 +16,11 @@ from illada.sampling.schedule import factor_count, linear_schedule, threshold_co
 MASK = 3  # the tiny preset's mask_token_id
 
 
-def sharp_model(seed: int, n_layers: int = 2, head_scale: float = 3.0, causal: bool = False):
+def sharp_model(seed: int, n_layers: int = 2, head_scale: float = 3.0, causal: bool = False, shift: bool = False):
     """A tiny random model whose predictions depend on position and context (default init makes every masked
     position predict the same token with the same confidence, which hides ordering bugs). GQA: 4 heads, 2 kv."""
-    model = build_model(preset("tiny", tie_word_embeddings=False, n_layers=n_layers, causal=causal), seed=seed)
+    model = build_model(preset("tiny", tie_word_embeddings=False, n_layers=n_layers, causal=causal,
+                               shift_logits=shift), seed=seed)
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -411,9 +412,10 @@ def test_select_top_uneven_counts_and_neg_inf():
     assert got.tolist() == [[True, True, False]]
 
 
+@pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("policy", ["prefix", "dual"])
-def test_cache_with_refresh_every_step_equals_uncached(policy):
-    model = sharp_model(seed=41)
+def test_cache_with_refresh_every_step_equals_uncached(policy, shift):
+    model = sharp_model(seed=41, shift=shift)
     for options in (dict(gen_length=12, block_length=4, steps=12),
                     dict(gen_length=12, block_length=4, steps=4, variable_length=True, threshold=0.5)):
         plain = run(model, **options)
@@ -431,6 +433,20 @@ class Recorder(torch.nn.Module):
     def forward(self, input_ids, **kwargs):
         self.lengths.append(input_ids.shape[1])
         return self.model(input_ids, **kwargs)
+
+
+def test_shifted_model_cached_path_is_exact_for_one_layer_and_recomputes_the_position_before_the_block():
+    # a Dream-style model reads a block's first prediction off the position before it: the cached steps must
+    # recompute that position too, else (one layer, so the cache is exact) the tokens would differ
+    model = Recorder(sharp_model(seed=44, n_layers=1, shift=True))
+    options = dict(gen_length=12, block_length=4, steps=12)
+    plain = run(model, **options)
+    for policy in ("prefix", "dual"):
+        model.lengths.clear()
+        assert torch.equal(plain.sequences, run(model, cache=policy, **options).sequences)
+        full = plain.sequences.shape[1]
+        short = sorted(set(n for n in model.lengths if n < full))
+        assert short == ([5] if policy == "dual" else [5, 9, 13])
 
 
 @pytest.mark.parametrize("policy", ["prefix", "dual"])

@@ -153,6 +153,28 @@ def test_ar_objective_trains_a_causal_model(dataset, tmp_path):
     assert "ppl_bound" not in val and val["ppl"] == pytest.approx(math.exp(val["val_loss"]))
 
 
+def test_adapt_causal_starts_a_diffusion_run_from_ar_weights_with_attention_opened(dataset, tmp_path):
+    import illada
+    from illada.model import build_model
+
+    ar = train(tiny_config(dataset, tmp_path / "ar", objective="ar", steps=3, save_every=3, eval_every=3))
+    with pytest.raises(Exception, match="causal"):  # without the flag the mismatch is refused
+        Trainer(tiny_config(dataset, tmp_path / "refused", init_from=str(ar.checkpoint)))
+    trainer = Trainer(tiny_config(dataset, tmp_path / "adapted", init_from=str(ar.checkpoint), adapt_causal=True))
+    source = illada.load(ar.checkpoint).model.eval()
+    assert trainer.model_config.causal is False and trainer.model_config.shift_logits is True  # Dream's shift
+    # the reference: a fresh bidirectional model of the same shape given the AR weights
+    reference = build_model(trainer.model_config, device="cpu", seed=0)
+    reference.load_state_dict(source.state_dict())
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        adapted = trainer.model.eval()(ids)
+        torch.testing.assert_close(adapted, reference.eval()(ids))
+        assert not torch.allclose(adapted[:, 0], source(ids)[:, 0])  # position 0 now sees the later tokens
+    result = train(tiny_config(dataset, tmp_path / "adapted", init_from=str(ar.checkpoint), adapt_causal=True))
+    assert illada.load(result.checkpoint).config.causal is False and all(math.isfinite(x) for x in result.losses)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--steps", "5"], "--data"),
     (["train", "--data", "/nonexistent/dir"], "/nonexistent/dir"),
@@ -160,6 +182,8 @@ def test_ar_objective_trains_a_causal_model(dataset, tmp_path):
     (["sft", "--data", "X"], "--init-from"),
     (["train", "--data", "X", "--clean-prefix-prob", "0.5"], "sft-pairs only"),
     (["train", "--data", "X", "--objective", "sft-pairs", "--clean-prefix-prob", "2"], "clean_prefix_prob"),
+    (["train", "--data", "X", "--objective", "sft-pairs", "--clean-prefix-block", "8"], "clean_prefix_prob > 0"),
+    (["train", "--data", "X", "--adapt-causal"], "adapt_causal needs --init-from"),
 ])
 def test_cli_user_mistakes_exit_2(argv, message, capsys):
     assert main(argv) == 2

@@ -58,6 +58,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     causal: bool = False
+    # Dream's shift: the logits at position i predict token i + 1 (as an AR model's do), so AR weights adapted to
+    # masked diffusion keep their output alignment; the network still scores every masked position
+    shift_logits: bool = False
     initializer_range: float = 0.02
     mask_token_id: int | None = None
     bos_token_id: int | None = None
@@ -102,6 +105,8 @@ class ModelConfig:
             raise IlladaError(f"model config: head_dim {self.head_dim} must be even for rotary embeddings")
         if self.n_heads % self.n_kv_heads:
             raise IlladaError(f"model config: n_kv_heads {self.n_kv_heads} must divide n_heads {self.n_heads}")
+        if self.shift_logits and self.causal:
+            raise IlladaError("model config: shift_logits is for bidirectional (diffusion) models, not causal ones")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise IlladaError("model config: rope_theta and rms_norm_eps must be positive")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:

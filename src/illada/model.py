@@ -222,7 +222,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, plain_causal, kv_cache, cache_start)
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        if self.config.shift_logits:  # position i's prediction comes from position i - 1 (the first repeats its own)
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -212,6 +212,7 @@ def config_from_hf(data: Mapping[str, Any], has_lm_head: bool | None = None) -> 
         rope_theta=_rope_theta(data),
         tie_word_embeddings=tied,
         causal=bool(_flag(data, "causal", False)),
+        shift_logits=bool(_flag(data, "shift_logits", False)),
         mask_token_id=_token_id(data, "mask_token_id"),
         bos_token_id=_token_id(data, "bos_token_id"),
         eos_token_id=_token_id(data, "eos_token_id"),
@@ -332,6 +333,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
         "initializer_range": config.initializer_range,
         # illada's own field: true only for the autoregressive baseline (causal attention).
         "causal": config.causal,
+        # illada's own field: true for a Dream-style model whose logits at i predict token i + 1.
+        "shift_logits": config.shift_logits,
         "mask_token_id": config.mask_token_id,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,

@@ -11,7 +11,9 @@ Its expectation is an upper bound on the NLL per token (an ELBO), so exp(loss) b
   (every token maskable, same random split): use `DiffusionObjective` on such a dataset; nothing SFT-specific.
 - LLaDA's SFT (`sft_pairs_loss`): prompt never masked, response EOS-padded (the padding counted as normal tokens),
   each row normalised by its answer length (padding included), then averaged over the batch. Optionally
-  (`clean_prefix_prob`) a row also keeps a random response prefix clean, as block diffusion (BD3-LM) trains.
+  (`clean_prefix_prob`) a row also keeps a random response prefix clean, as block diffusion (BD3-LM) trains, and
+  (`clean_prefix_block`) only a block after that prefix is noised, the rest of the response wholly masked: the
+  canvas of semi-autoregressive decoding, with the loss on the block.
 - `ar_loss`: the autoregressive baseline (`--objective ar`, the same backbone built with `causal=True`).
 
 Every loss returns `(loss, stats)`; stats are detached tensors (no host sync), the trainer converts them.
@@ -97,6 +99,7 @@ def sft_pairs_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     clean_prefix: torch.Tensor | None = None,
+    block: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """LLaDA SFT on rows `prompt + response + EOS padding` (B, L) with `prompt_lengths` (B,).
 
@@ -104,15 +107,25 @@ def sft_pairs_loss(
     response tokens is divided by its maskable length (L - prompt_length, padding included); rows are averaged.
     `clean_prefix` (B,): that many leading response tokens of each row are also kept clean (see
     `random_clean_prefix`), and the row is normalised by what remains maskable.
+    `block` (B,): only that many tokens after the clean part are noised (at rate t) and scored; every later token
+    is masked outright and carries no loss, and the row is normalised by its block's length.
     """
     b, length = input_ids.shape
-    visible = prompt_lengths.to(input_ids.device)
+    device = input_ids.device
+    visible = prompt_lengths.to(device)
     if clean_prefix is not None:
-        visible = visible + clean_prefix.to(input_ids.device)
-    maskable = torch.arange(length, device=input_ids.device)[None, :] >= visible[:, None]
+        visible = visible + clean_prefix.to(device)
+    positions = torch.arange(length, device=device)[None, :]
+    maskable = positions >= visible[:, None]
+    future = torch.zeros_like(maskable)
+    if block is not None:
+        future = positions >= (visible + block.to(device))[:, None]
+        maskable = maskable & ~future
     noisy, masked, p_mask = forward_mask(input_ids, mask_id, eps=eps, t=t, generator=generator, maskable=maskable)
+    if block is not None:
+        noisy = noisy.masked_fill(future, mask_id)
     logits = model(noisy)
-    answer_lengths = (length - visible).clamp(min=1).float()
+    answer_lengths = maskable.sum(dim=1).clamp(min=1).float()
     loss = diffusion_loss(logits, input_ids, masked, p_mask, normaliser=answer_lengths * b)
     stats = _mask_stats(masked, p_mask, eps)
     stats["answer_tokens"] = maskable.sum().detach()
@@ -125,12 +138,24 @@ def random_clean_prefix(prompt_lengths: torch.Tensor, length: int, prob: float, 
     clean (A = its response length with padding), else 0. Such a row is the canvas of semi-autoregressive decoding
     after its earlier blocks were committed, the state iLLaDA's block-by-block sampler actually meets; plain SFT
     masks the whole response and meets it rarely."""
+    return _draw_clean_prefix(prompt_lengths, length, prob, generator)[0]
+
+
+def _draw_clean_prefix(prompt_lengths, length, prob, generator):
+    """(prefix lengths, chosen rows) of `random_clean_prefix`."""
     device = prompt_lengths.device
     b = prompt_lengths.shape[0]
     answer = (length - prompt_lengths).clamp(min=1)
     chosen = torch.rand(b, generator=generator, device=device) < prob
     u = torch.rand(b, generator=generator, device=device)
-    return torch.where(chosen, (u * answer).long().clamp(max=answer - 1), torch.zeros_like(answer))
+    return torch.where(chosen, (u * answer).long().clamp(max=answer - 1), torch.zeros_like(answer)), chosen
+
+
+def random_block(batch: int, max_block: int, *, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Block lengths U{1..max_block} per row: one draw covers every block length a sampler may decode with."""
+    u = torch.rand(batch, generator=generator, device=device)
+    return (u * max_block).long().clamp(max=max_block - 1) + 1
 
 
 def ar_loss(
@@ -246,21 +271,27 @@ class SFTPairsObjective:
     mask_id: int
     eps: float = 1e-3
     clean_prefix_prob: float = 0.0  # rows given a clean response prefix (random_clean_prefix)
+    clean_prefix_block: int = 0  # > 0: those rows noise only a block of U{1..this} tokens after it (random_block)
 
     def __post_init__(self) -> None:
         _check_probability("eps", self.eps, low_open=True)
         _check_probability("clean_prefix_prob", self.clean_prefix_prob)
+        if self.clean_prefix_block < 0 or (self.clean_prefix_block and not self.clean_prefix_prob):
+            raise IlladaError("clean_prefix_block must be >= 0 and needs clean_prefix_prob > 0")
 
     def __call__(self, model, batch, generator=None):
         if "prompt_lengths" not in batch:
             raise IlladaError("objective sft-pairs needs prompt_lengths in the batch (a 'pairs' dataset)")
         input_ids, prompt_lengths = batch["input_ids"], batch["prompt_lengths"].to(batch["input_ids"].device)
-        clean_prefix = None
+        clean_prefix = block = None
         if self.clean_prefix_prob > 0:
-            clean_prefix = random_clean_prefix(prompt_lengths, input_ids.shape[1], self.clean_prefix_prob,
-                                               generator=generator)
+            length = input_ids.shape[1]
+            clean_prefix, chosen = _draw_clean_prefix(prompt_lengths, length, self.clean_prefix_prob, generator)
+            if self.clean_prefix_block:  # the other rows stay plain SFT rows: their block is the whole response
+                drawn = random_block(len(chosen), self.clean_prefix_block, generator=generator, device=chosen.device)
+                block = torch.where(chosen, drawn, torch.full_like(drawn, length))
         loss, stats = sft_pairs_loss(model, input_ids, prompt_lengths, self.mask_id, eps=self.eps,
-                                     generator=generator, clean_prefix=clean_prefix)
+                                     generator=generator, clean_prefix=clean_prefix, block=block)
         if clean_prefix is not None:
             stats["clean_prefix_tokens"] = clean_prefix.sum().detach()
         return loss, stats

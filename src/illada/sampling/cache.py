@@ -42,6 +42,8 @@ class BlockForward:
             self.cache = KVCache()
             return self.model(canvas, attention_mask=attention_mask, kv_cache=self.cache)[:, block_start:block_end]
         end = canvas.shape[1] if self.policy == "prefix" else block_end
-        logits = self.model(canvas[:, block_start:end], attention_mask=attention_mask, kv_cache=self.cache,
-                            cache_start=block_start)
-        return logits[:, :block_end - block_start]
+        # a shifted model predicts a block's first token at the position before it: recompute that one too
+        start = block_start - 1 if getattr(getattr(self.model, "config", None), "shift_logits", False) else block_start
+        logits = self.model(canvas[:, start:end], attention_mask=attention_mask, kv_cache=self.cache,
+                            cache_start=start)
+        return logits[:, block_start - start:block_end - start]

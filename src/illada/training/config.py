@@ -30,6 +30,8 @@ class TrainConfig:
     preset: str = "small"  # model shape for a fresh model: tiny | small | illada-8b | llada-8b
     model_overrides: dict[str, Any] = field(default_factory=dict)  # JSON object of ModelConfig fields, e.g. {"n_layers": 4}
     init_from: str | None = None  # checkpoint or run directory (its newest checkpoint), bundled model name or hub id to start from (SFT); its tokenizer is used
+    adapt_causal: bool = False  # --init-from a causal (AR) checkpoint and train it bidirectionally with a diffusion objective (AR-to-diffusion adaptation, as Dream and DiffuLLaMA start)
+    adapt_shift: bool = True  # with adapt_causal: keep the AR output alignment, the logits at i predicting token i + 1 (Dream's shift, model shift_logits)
     # LoRA (the `lora` extra, PEFT): train only low-rank adapters on a frozen --init-from model
     lora_r: int = 0  # LoRA rank; 0: off (full fine-tuning). Checkpoints then hold only the adapters, in PEFT's format
     lora_alpha: int = 16  # LoRA scale: the update is (lora_alpha / lora_r) B A
@@ -55,6 +57,7 @@ class TrainConfig:
     split_prob: float = 0.3             # iLLaDA random split into two independent segments
     truncate_prob: float = 0.0          # LLaDA: 0.01 of batches cut to a random length
     clean_prefix_prob: float = 0.0      # sft-pairs: rows that keep a random response prefix clean (block-diffusion SFT)
+    clean_prefix_block: int = 0  # sft-pairs with clean_prefix_prob: those rows noise only U{1..this} tokens after the prefix and mask the rest outright, the loss on that block (semi-autoregressive SFT); 0: the rest noised
     seed: int = 1234  # seeds the weights, data order and masking noise
     dtype: str = "auto"                 # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     compile: bool = False  # torch.compile each Transformer block
@@ -108,6 +111,10 @@ class TrainConfig:
             raise IlladaError("train: split_prob, truncate_prob and clean_prefix_prob must be in [0, 1]")
         if self.clean_prefix_prob > 0 and self.objective != "sft-pairs":
             raise IlladaError("train: clean_prefix_prob applies to --objective sft-pairs only")
+        if self.clean_prefix_block < 0 or (self.clean_prefix_block and not self.clean_prefix_prob):
+            raise IlladaError("train: clean_prefix_block must be >= 0 and needs clean_prefix_prob > 0")
+        if self.adapt_causal and (not self.init_from or self.objective == "ar"):
+            raise IlladaError("train: adapt_causal needs --init-from and a diffusion objective")
         if not 0.0 < self.mask_eps < 1.0:
             raise IlladaError("train: mask_eps must be in (0, 1)")
         if self.lr <= 0 or self.min_lr < 0:

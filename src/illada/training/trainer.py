@@ -7,6 +7,7 @@ resumed run reproduces the uninterrupted one, also across a change of world size
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -75,7 +76,8 @@ def make_objective(cfg: TrainConfig, model_config: ModelConfig):
         raise IlladaError("the model has no mask_token_id (set it in the tokenizer or model_overrides)")
     if cfg.objective == "sft-pairs":
         return obj.SFTPairsObjective(mask_id=model_config.mask_token_id, eps=cfg.mask_eps,
-                                     clean_prefix_prob=cfg.clean_prefix_prob)
+                                     clean_prefix_prob=cfg.clean_prefix_prob,
+                                     clean_prefix_block=cfg.clean_prefix_block)
     return obj.DiffusionObjective(mask_id=model_config.mask_token_id, eps=cfg.mask_eps, split_prob=cfg.split_prob,
                                   truncate_prob=cfg.truncate_prob)
 
@@ -157,6 +159,13 @@ class Trainer:
         causal = cfg.objective == "ar"
         if cfg.init_from:
             model, model_config = load_checkpoint(self.init_path, device="cpu", dtype=torch.float32)
+            if cfg.adapt_causal:
+                if not model_config.causal:
+                    raise IlladaError(f"adapt_causal: {cfg.init_from} is already bidirectional")
+                # the same weights, attention opened both ways: the diffusion objective then adapts them
+                model_config = dataclasses.replace(model_config, causal=False, shift_logits=cfg.adapt_shift,
+                                                   name=f"{model_config.name}-adapted-{cfg.objective}")
+                model.config = model_config
             if model_config.causal != causal:
                 raise IlladaError(f"{cfg.init_from} is {'causal' if model_config.causal else 'bidirectional'}; "
                                   f"objective {cfg.objective} needs the other kind")
