@@ -86,17 +86,37 @@ def run_cell(cell: Cell, models: dict, batch_size: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- the cells
-# the decoding grid: (MDM run, AR twin run, eval task, data, flags of every cell, flags of the fixed canvas)
+@dataclass(frozen=True)
+class Grid:
+    """A decoding grid: every mode x cache of one MDM, and its AR twin on the same samples."""
+
+    mdm: Path
+    ar: Path
+    task: str
+    data: Path
+    flags: dict  # every cell's flags
+    fixed: tuple[str, dict]  # the fixed-canvas mode: its name and flags
+    variable: dict = field(default_factory=dict)  # the variable-length mode's flags (beyond `flags`)
+    reference: str = "variable length"  # the one-token-per-pass mode the parallel modes are held to
+
+
 GRIDS = {
-    "arithmetic": (RUNS / "arithmetic" / "mdm", RUNS / "arithmetic" / "ar", "gsm8k", ARITH_TEST,
-                   dict(num_fewshot=0, max_new_tokens=96), ("fixed canvas 96", dict(fixed_length=True, steps=96))),
+    "arithmetic": Grid(RUNS / "arithmetic" / "mdm", RUNS / "arithmetic" / "ar", "gsm8k", ARITH_TEST,
+                       dict(num_fewshot=0, max_new_tokens=96), ("fixed canvas 96", dict(fixed_length=True, steps=96))),
     # the aligned working (recipes/arithmetic-aligned.sh): twins trained on the same prompt/response rows
-    "arithmetic-aligned": (RUNS / "arithmetic" / "aligned-mdm", RUNS / "arithmetic" / "aligned-ar", "gsm8k",
-                           ARITH_TEST, dict(num_fewshot=0, max_new_tokens=160),
-                           ("fixed canvas 128", dict(fixed_length=True, max_new_tokens=128, steps=128))),
-    "sudoku": (RUNS / "sudoku" / "mdm", RUNS / "sudoku" / "ar", "exact", RUNS / "sudoku" / "test.jsonl",
-               dict(max_new_tokens=48, block_length=48, steps=48),
-               ("fixed canvas 48", dict(fixed_length=True))),
+    "arithmetic-aligned": Grid(RUNS / "arithmetic" / "aligned-mdm", RUNS / "arithmetic" / "aligned-ar", "gsm8k",
+                               ARITH_TEST, dict(num_fewshot=0, max_new_tokens=160),
+                               ("fixed canvas 128", dict(fixed_length=True, max_new_tokens=128, steps=128))),
+    # the MDM adapted from the aligned AR twin with semi-autoregressive rows (recipes/arithmetic-adapted.sh): trained
+    # on a canvas whose later blocks are masks, so the fixed canvas decoded in blocks of 8 is its own mode
+    "arithmetic-adapted": Grid(RUNS / "arithmetic" / "adapted-mdm-cont", RUNS / "arithmetic" / "aligned-ar", "gsm8k",
+                               ARITH_TEST, dict(num_fewshot=0, max_new_tokens=96, block_length=8, fixed_length=True,
+                                                steps=96),
+                               ("fixed canvas 96, blocks of 8", {}),
+                               variable=dict(fixed_length=None, variable_length=True, steps=8),
+                               reference="fixed canvas 96, blocks of 8"),
+    "sudoku": Grid(RUNS / "sudoku" / "mdm", RUNS / "sudoku" / "ar", "exact", RUNS / "sudoku" / "test.jsonl",
+                   dict(max_new_tokens=48, block_length=48, steps=48), ("fixed canvas 48", dict(fixed_length=True))),
 }
 
 
@@ -117,20 +137,31 @@ def arithmetic_cells(limit: int, batch: int) -> list[Cell]:
     if (block / "checkpoints").exists():
         cells.append(Cell("tasks", "arithmetic, aligned working · MDM (SFT pairs + clean prefixes, 1 token/pass)",
                           str(block), "gsm8k", ARITH_TEST, long))
+    semi = {**base, "block_length": 8, "fixed_length": True, "steps": 96}  # the canvas semi-AR rows train on
+    for run, label in (("semiar-mdm", "the aligned MDM continued on semi-AR SFT rows, blocks <= 16"),
+                       ("adapted-mdm", "adapted from the AR twin, semi-AR rows, blocks <= 16, lr 3e-4"),
+                       ("adapted-mdm-cont", "the same continued 1,200 steps, blocks <= 8, lr 1e-4"),
+                       ("adapted-mdm-b8", "adapted from the AR twin, blocks <= 8, lr 1.5e-4"),
+                       ("adapted-mdm-b8-lr75", "adapted from the AR twin, blocks <= 8, lr 7.5e-5")):
+        if (RUNS / "arithmetic" / run / "checkpoints").exists():
+            cells.append(Cell("tasks", f"arithmetic, aligned working · MDM {label} (blocks of 8, 1 token/pass)",
+                              str(RUNS / "arithmetic" / run), "gsm8k", ARITH_TEST, semi))
     return cells
 
 
 def grid_cells(task: str, limit: int, batch: int) -> list[Cell]:
     """Every decoding mode x cache of the task's MDM, and its AR twin on the same samples in the same run."""
-    mdm, ar, eval_task, data, flags, (fixed_name, fixed) = GRIDS[task]
-    base = {**flags, "limit": limit, "batch_size": batch}
-    cells = [Cell("parallel", "AR twin (greedy, KV cache)", str(ar), eval_task, data, base, task)]
-    modes = [(f"{fixed_name}, 1 token/pass", fixed), ("variable length, 1 token/pass", {})]
+    grid = GRIDS[task]
+    base = {**grid.flags, "limit": limit, "batch_size": batch}
+    ar_flags = {k: v for k, v in base.items() if k != "fixed_length"}  # the AR decoder has no canvas
+    cells = [Cell("parallel", "AR twin (greedy, KV cache)", str(grid.ar), grid.task, grid.data, ar_flags, task)]
+    fixed_name, fixed = grid.fixed
+    modes = [(f"{fixed_name}, 1 token/pass", fixed), ("variable length, 1 token/pass", grid.variable)]
     modes += [(f"threshold {t}", dict(threshold=t)) for t in (0.95, 0.9, 0.8, 0.7, 0.5)]
     modes += [(f"factor {f}", dict(factor=f)) for f in (1, 2)]
     for name, extra in modes:
         for cache in ("none", "prefix", "dual"):
-            cells.append(Cell("parallel", f"{name} · cache {cache}", str(mdm), eval_task, data,
+            cells.append(Cell("parallel", f"{name} · cache {cache}", str(grid.mdm), grid.task, grid.data,
                               {**base, **extra, "cache": cache}, task))
     return cells
 
@@ -265,7 +296,9 @@ def speed_summary(cells: list[Cell], results: dict) -> str:
 def parallel_summary(cells: list[Cell], results: dict) -> str:
     """The fastest-per-pass mode within 1 point of one token per pass (same samples), the target's measure."""
     modes = {c.label: results[c.command] for c in cells if c.section == "parallel" and c.command in results}
-    base = modes.get("variable length, 1 token/pass · cache none")
+    grid = next((c.grid for c in cells if c.section == "parallel"), None)
+    reference = GRIDS[grid].reference if grid in GRIDS else "variable length"
+    base = modes.get(f"{reference}, 1 token/pass · cache none")
     if base is None:
         return ""
     close = {k: r for k, r in modes.items() if r["score"] >= base["score"] - 0.01 and "1 token/pass" not in k}

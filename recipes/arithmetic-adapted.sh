@@ -1,19 +1,35 @@
 #!/usr/bin/env bash
-# Semi-autoregressive arithmetic MDMs on the aligned working, both from models of recipes/arithmetic-aligned.sh:
-#   adapted-mdm: the AR twin's weights, attention opened both ways (adapt_causal), then semi-AR SFT pairs;
-#   semiar-mdm:  the aligned MDM continued with the same semi-AR SFT pairs.
-# Both evaluated on LLaDA's fixed canvas decoded block by block (the canvas they were trained on).
-# Resumable: rerun after a stop.  bash recipes/arithmetic-adapted.sh   (one thread per run; THREADS=... to change)
+# Semi-autoregressive arithmetic MDMs on the aligned working, from models of recipes/arithmetic-aligned.sh, and the
+# bundled `illada-arithmetic` (exported from adapted-mdm-cont):
+#   adapted-mdm:         the AR twin's weights, attention opened both ways with Dream's shift (adapt_causal), then
+#                        semi-AR SFT pairs (blocks <= 16, lr 3e-4, 1,500 steps);
+#   adapted-mdm-cont:    adapted-mdm continued (blocks <= 8, lr 1e-4, 1,200 steps): the bundled model;
+#   adapted-mdm-b8(-lr75): the AR twin adapted directly with blocks <= 8 at lr 1.5e-4 (7.5e-5), 1,200 steps;
+#   semiar-mdm:          the control, the aligned MDM trained from scratch continued with the same semi-AR rows.
+# Evaluated on LLaDA's fixed canvas decoded in blocks of 8 (the canvas they were trained on); the proof table
+# (benchmarks/proof.py) holds the same cells. Resumable: rerun after a stop.
+#   bash recipes/arithmetic-adapted.sh   (two runs at a time, one thread each; THREADS=... to change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ILLADA=${ILLADA:-.venv/bin/illada}
 RUN=runs/arithmetic
+EXPORT=src/illada/assets/models/illada-arithmetic
 export OMP_NUM_THREADS=${THREADS:-1}
 [ -d $RUN/aligned-ar/checkpoints ] && [ -d $RUN/aligned-mdm/checkpoints ] || bash recipes/arithmetic-aligned.sh
 $ILLADA train recipes/arithmetic-adapted-mdm.yaml --no-progress &
 $ILLADA train recipes/arithmetic-semiar-mdm.yaml --no-progress &
 wait
-for model in adapted-mdm semiar-mdm; do
-  $ILLADA eval --model $RUN/$model --task gsm8k --data $RUN/test.jsonl --num-fewshot 0 --max-new-tokens 160 \
-    --fixed-length --block-length 16 --steps 160 --limit 200 --batch-size 16 --no-progress --out $RUN/$model/eval
+$ILLADA train recipes/arithmetic-adapted-mdm-cont.yaml --no-progress &
+$ILLADA train recipes/arithmetic-adapted-mdm-b8.yaml --no-progress &
+wait
+$ILLADA train recipes/arithmetic-adapted-mdm-b8-lr75.yaml --no-progress
+for model in adapted-mdm adapted-mdm-cont adapted-mdm-b8 adapted-mdm-b8-lr75 semiar-mdm; do
+  $ILLADA eval --model $RUN/$model --task gsm8k --data $RUN/test.jsonl --num-fewshot 0 --max-new-tokens 96 \
+    --fixed-length --block-length 8 --steps 96 --limit 200 --batch-size 16 --no-progress --out $RUN/$model/eval
 done
+MDM=$RUN/adapted-mdm-cont
+$ILLADA convert "$MDM/checkpoints/$(cat $MDM/checkpoints/latest)" $EXPORT --dtype bf16 --force
+cp $MDM/{metrics.jsonl,train_config.json,loss.png} $EXPORT/
+# the card quotes the proof table: run `python benchmarks/proof.py --out docs/proof --grid-task arithmetic-adapted` first
+.venv/bin/python recipes/arithmetic_card.py --stages $RUN/aligned-ar $RUN/adapted-mdm $MDM --model $EXPORT \
+  --results docs/proof/results.json

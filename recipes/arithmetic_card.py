@@ -1,7 +1,9 @@
-"""Write the model card (README.md) of the bundled `illada-arithmetic` from its training run and the proof table's
-results (benchmarks/proof.py), with samples generated on the spot by the exported weights.
+"""Write the model card (README.md) of the bundled `illada-arithmetic` from its training runs (the AR twin it was
+adapted from, then each diffusion stage) and the proof table's results (benchmarks/proof.py), with samples generated
+on the spot by the exported weights.
 
-    python recipes/arithmetic_card.py --run runs/arithmetic/mdm --model src/illada/assets/models/illada-arithmetic \
+    python recipes/arithmetic_card.py --stages runs/arithmetic/aligned-ar runs/arithmetic/adapted-mdm \
+        runs/arithmetic/adapted-mdm-cont --model src/illada/assets/models/illada-arithmetic \
         --results docs/proof/results.json
 """
 from __future__ import annotations
@@ -12,30 +14,33 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import illada
 from illada.files import write_atomic
 
 sys.path.insert(0, str(Path(__file__).parent))
 from model_card import training_facts  # noqa: E402  (the Shakespeare card's reader of a run)
 
-PROMPTS = ["What is 37 + 48 * 2?", "What is (12 + 7) * 45?", "What is 63 - 88?"]
-MODES = {"one token per pass (variable length, block 32)": {}, "--threshold 0.9": dict(threshold=0.9),
-         "--threshold 0.5 --cache dual": dict(threshold=0.5, cache="dual")}
+QUESTIONS = ["What is 37 + 48 * 2?", "What is (12 + 7) * 45?", "What is 63 - 88?"]
+CANVAS = dict(max_new_tokens=96, block_length=8, steps=96, variable_length=False)  # the canvas it was trained on
+MODES = {"one token per pass": {}, "--threshold 0.9": dict(threshold=0.9),
+         "--threshold 0.7 --cache dual": dict(threshold=0.7, cache="dual")}
+
+
+def prompt_of(question: str) -> str:
+    return f"Question: {question}\nAnswer:"  # the gsm8k preset's zero-shot prompt, the one it was trained on
 
 
 def sample_lines(lm) -> list[str]:
     lines = []
     for title, options in MODES.items():
-        for prompt in PROMPTS:
+        for question in QUESTIONS:
             began = time.perf_counter()
-            text, out = lm.generate(prompt, return_output=True, max_new_tokens=96, **options)
+            text, out = lm.generate(prompt_of(question), return_output=True, **CANVAS, **options)
             seconds = time.perf_counter() - began
             n = int(out.generated_lengths[0])
-            lines.append(f"**{title}** · `{prompt}` — {n} tokens in {int(out.row_nfe[0])} passes "
+            lines.append(f"**{title}** · `{question}` — {n} tokens in {int(out.row_nfe[0])} passes "
                          f"({n / max(int(out.row_nfe[0]), 1):.2f} tokens/pass, {seconds:.2f} s)\n\n```text\n"
-                         f"{prompt}{text}\n```\n")
+                         f"{prompt_of(question)}{text}\n```\n")
     return lines
 
 
@@ -45,62 +50,81 @@ def accuracy_rows(results: dict, run: Path) -> list[str]:
     for command, r in results.items():
         if f"--model {run} " not in command or "--task gsm8k" not in command:
             continue
-        rows.append(f"| {100 * r['score']:.1f} | {r.get('tokens_per_forward', 0):.2f} | "
+        rows.append(f"| {100 * r['score']:.1f} | {r['n']} | {r.get('tokens_per_forward', 0):.2f} | "
                     f"{r.get('tokens_per_second', 0):.0f} | `{command}` |")
     return rows
 
 
+def stage_row(run: Path) -> str:
+    facts = training_facts(run)
+    cfg, state, val = facts["config"], facts["state"], facts["val"]
+    objective = "AR SFT (next token, causal)" if cfg["objective"] == "ar" else (
+        "masked diffusion SFT pairs, semi-autoregressive rows (clean prefix, a block of at most "
+        f"{cfg.get('clean_prefix_block')} tokens noised, the rest masked)")
+    start = "from scratch" if not cfg.get("init_from") else \
+        f"from `{cfg['init_from']}`" + (" (attention opened both ways, shifted logits)" if cfg.get("adapt_causal") else "")
+    return (f"| `{run}` | {objective} | {start} | {state['step']:,} x {cfg['micro_batch_size']} rows | "
+            f"{cfg['lr']} ({cfg['schedule']}) | {facts['step_seconds'] / 60:.0f} min | {val[-1]['val_loss']:.4f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--stages", type=Path, nargs="+", required=True, help="training runs, first to last")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--results", type=Path, required=True, help="results.json of benchmarks/proof.py")
     args = p.parse_args()
-    facts = training_facts(args.run)
-    cfg, state, val = facts["config"], facts["state"], facts["val"]
+    final = args.stages[-1]
     model_config = json.loads((args.model / "config.json").read_text())
     lm = illada.load(args.model)
     params = lm.model.num_parameters()
     weights_mb = sum(f.stat().st_size for f in args.model.glob("*.safetensors")) / 1e6
     results = json.loads(args.results.read_text())
-    table = "\n".join(["| accuracy % | tokens/pass | tokens/s | command |", "|---:|---:|---:|---|",
-                       *accuracy_rows(results, args.run)])
+    table = "\n".join(["| accuracy % | n | tokens/pass | tokens/s | command |", "|---:|---:|---:|---:|---|",
+                       *accuracy_rows(results, final)])
+    stages = "\n".join(["| run | objective | start | steps | lr | wall time | last validation loss |",
+                        "|---|---|---|---|---|---:|---:|", *(stage_row(run) for run in args.stages)])
     card = f"""# illada-arithmetic
 
-A {params / 1e6:.1f}M-parameter masked diffusion language model (iLLaDA architecture: bidirectional Transformer,
+A {params / 1e6:.1f}M-parameter masked diffusion language model (bidirectional Transformer,
 {model_config.get('num_hidden_layers')} layers, hidden {model_config.get('hidden_size')}, byte-level vocabulary of
-{model_config.get('vocab_size')} tokens) trained from scratch by `illada train` on the `arithmetic` task of
-`illada tasks`. It answers `What is A + B * C?`-style questions (operands 0-99, also A - B, A * B, (A + B) * C and
-short word problems) with short working and a final `#### N` line, then stops with EOS. It is a base model (not
-chat-tuned): score it with `illada eval --task gsm8k --num-fewshot 0` (no `--instruct`). {weights_mb:.1f} MB of
-bf16 safetensors.
+{model_config.get('vocab_size')} tokens, Dream-style shifted logits) for the `arithmetic` task of `illada tasks`
+(the `aligned` working). It answers `What is A + B * C?`-style questions (operands 0-99, also A - B, A * B,
+(A + B) * C and short word problems) with zero-padded working and a final `#### N` line, then EOS padding.
+{weights_mb:.1f} MB of bf16 safetensors.
 
-## Data and training
+It is a base model, not chat-tuned. Its prompt is `Question: <q>\\nAnswer:`, which `illada eval --task gsm8k
+--num-fewshot 0` writes (no `--instruct`). It was trained on LLaDA's fixed canvas decoded in blocks of at most 8
+tokens, so decode it that way:
 
-Documents `Question: <q>\\nAnswer: <working>` (75%) or `<q>\\n<working>` (25%), each followed by one EOS, packed into
-rows of {cfg['seq_len']} tokens, every token maskable: the iLLaDA variable-length format, so the model learns to stop.
-400,000 training problems from `illada tasks make arithmetic --n 400000` (seed 0); the held-out test problems
-(`--split test`) never occur in training. Reproduce (data, both twins, export) with `bash recipes/arithmetic.sh`.
+```console
+$ illada eval --model illada-arithmetic --task gsm8k --data test.jsonl --num-fewshot 0 \\
+    --fixed-length --max-new-tokens 96 --block-length 8 --steps 96
+$ illada generate $'Question: What is 37 + 48 * 2?\\nAnswer:' --model illada-arithmetic \\
+    --fixed-length --max-new-tokens 96 --block-length 8 --steps 96 --threshold 0.9
+```
 
-| | |
-|---|---|
-| objective | masked diffusion, iLLaDA random split with probability {cfg['split_prob']} |
-| steps | {state['step']:,} of {cfg['micro_batch_size'] * cfg['grad_accum']} rows x {cfg['seq_len']} tokens ({state['tokens']:,} tokens) |
-| optimizer | AdamW, lr {cfg['lr']} ({cfg['schedule']}: {cfg['warmup_steps']} warmup steps, linear decay over the last {cfg['decay_fraction']:.0%} to {cfg['min_lr']}), weight decay {cfg['weight_decay']} |
-| hardware | 1 CPU thread (2-core machine shared with the AR twin and other runs), fp32 |
-| wall time | {facts['step_seconds'] / 3600:.2f} h of training steps |
-| validation ELBO | {val[-1]['val_loss']:.3f} nats/token at step {val[-1]['step']} |
+## How it was trained
 
-The autoregressive twin (`recipes/arithmetic-ar.yaml`: same shape, data and steps, causal) is not bundled.
+It did not learn arithmetic as a diffusion model from scratch. Every masked diffusion model trained from scratch on
+this task scored 0-4%, at equal compute and beyond. Its weights come from the autoregressive twin
+(`recipes/arithmetic-aligned-ar.yaml`, 93.0% held-out). Attention was opened both ways, and the logits were shifted
+so that position i predicts token i + 1 (Dream's recipe for adapting AR models). Then came masked diffusion SFT on
+semi-autoregressive rows (`--clean-prefix-block`): the question and a random prefix of the working stay clean, the
+next block is noised, and everything after it is masked. That is the canvas the block-by-block sampler meets.
+Reproduce all of it with `bash recipes/arithmetic-aligned.sh && bash recipes/arithmetic-adapted.sh`. Training
+used one CPU thread on a 2-core machine shared with another run, in fp32. The data is 300,000 problems from
+`illada tasks make arithmetic --variant aligned --format completion --n 300000 --seed 7`. The held-out problems
+(`--split test`) never occur in training.
 
-## Accuracy on held-out problems (from benchmarks/proof.py, cells of this run)
+{stages}
+
+## Accuracy on held-out problems (from benchmarks/proof.py, cells of the final run)
 
 {table}
 
 ## Samples
 
-Real outputs of the bundled weights (`illada generate PROMPT --model illada-arithmetic` with the options named;
-greedy):
+Real outputs of the bundled weights (greedy), each with the canvas flags above and the options named:
 
 {chr(10).join(sample_lines(lm))}
 """
