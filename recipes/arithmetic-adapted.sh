@@ -33,3 +33,7 @@ cp $MDM/{metrics.jsonl,train_config.json,loss.png} $EXPORT/
 # the card quotes the proof table: run `python benchmarks/proof.py --out docs/proof --grid-task arithmetic-adapted` first
 .venv/bin/python recipes/arithmetic_card.py --stages $RUN/aligned-ar $RUN/adapted-mdm $MDM --model $EXPORT \
   --results docs/proof/results.json
+# RL from the bundled model's run (measured: no gain in 60 steps; README, RL section)
+[ -f $RUN/rl-train.jsonl ] || $ILLADA tasks make arithmetic --split train --format eval --n 4000 --seed 11 \
+  --out $RUN/rl-train.jsonl
+$ILLADA rl recipes/arithmetic-rl.yaml --no-progress
