@@ -296,8 +296,7 @@ def speed_summary(cells: list[Cell], results: dict) -> str:
 def parallel_summary(cells: list[Cell], results: dict) -> str:
     """The fastest-per-pass mode within 1 point of one token per pass (same samples), the target's measure."""
     modes = {c.label: results[c.command] for c in cells if c.section == "parallel" and c.command in results}
-    grid = next((c.grid for c in cells if c.section == "parallel"), None)
-    reference = GRIDS[grid].reference if grid in GRIDS else "variable length"
+    reference = GRIDS[cells[0].grid].reference  # the cells are one grid's
     base = modes.get(f"{reference}, 1 token/pass · cache none")
     if base is None:
         return ""

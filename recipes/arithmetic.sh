@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Arithmetic twins (masked diffusion vs autoregressive: same shape, data, steps, tokens) and the bundled model
-# `illada-arithmetic` exported from a diffusion run (MDM_RUN=mdm-long for recipes/arithmetic-mdm-long.yaml: at the
-# matched 4500 steps the MDM scores 0% while the AR twin scores 94.5%). Resumable: rerun after a stop.
+# Arithmetic twins (masked diffusion vs autoregressive: same shape, data, steps, tokens; at the matched 4500 steps
+# the MDM scores 0% while the AR twin scores 94.5%). The bundled `illada-arithmetic` comes from
+# recipes/arithmetic-adapted.sh instead. Resumable: rerun after a stop.
 #   bash recipes/arithmetic.sh       (the two runs go in parallel, one thread each; THREADS=... to change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ILLADA=${ILLADA:-.venv/bin/illada}
 RUN=runs/arithmetic
-EXPORT=src/illada/assets/models/illada-arithmetic
 export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p $RUN
 [ -f $RUN/train.jsonl ] || $ILLADA tasks make arithmetic --n 400000 --out $RUN/train.jsonl
@@ -16,8 +15,3 @@ mkdir -p $RUN
 $ILLADA train recipes/arithmetic-mdm.yaml --no-progress &
 $ILLADA train recipes/arithmetic-ar.yaml --no-progress &
 wait
-MDM=$RUN/${MDM_RUN:-mdm}
-$ILLADA convert "$MDM/checkpoints/$(cat $MDM/checkpoints/latest)" $EXPORT --dtype bf16 --force
-cp $MDM/{metrics.jsonl,train_config.json,loss.png} $EXPORT/
-# the card quotes the proof table: run `python benchmarks/proof.py --out docs/proof` first
-.venv/bin/python recipes/arithmetic_card.py --run $MDM --model $EXPORT --results docs/proof/results.json

@@ -7,7 +7,6 @@ resumed run reproduces the uninterrupted one, also across a change of world size
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import sys
 import time
@@ -163,8 +162,8 @@ class Trainer:
                 if not model_config.causal:
                     raise IlladaError(f"adapt_causal: {cfg.init_from} is already bidirectional")
                 # the same weights, attention opened both ways: the diffusion objective then adapts them
-                model_config = dataclasses.replace(model_config, causal=False, shift_logits=cfg.adapt_shift,
-                                                   name=f"{model_config.name}-adapted-{cfg.objective}")
+                model_config = model_config.replace(causal=False, shift_logits=cfg.adapt_shift,
+                                                    name=f"{model_config.name}-adapted-{cfg.objective}")
                 model.config = model_config
             if model_config.causal != causal:
                 raise IlladaError(f"{cfg.init_from} is {'causal' if model_config.causal else 'bidirectional'}; "
