@@ -1,6 +1,7 @@
-"""Write the model card (README.md) of the bundled `illada-arithmetic` from its training runs (the AR twin it was
-adapted from, then each diffusion stage) and the proof table's results (benchmarks/proof.py), with samples generated
-on the spot by the exported weights.
+"""Write the model card (README.md) and the generation defaults (generation_config.json: its prompt format and
+canvas) of the bundled `illada-arithmetic` from its training runs (the AR twin it was adapted from, then each
+diffusion stage) and the proof table's results (benchmarks/proof.py), with samples generated on the spot by the
+exported weights.
 
     python recipes/arithmetic_card.py --stages runs/arithmetic/aligned-ar runs/arithmetic/adapted-mdm \
         runs/arithmetic/adapted-mdm-cont --model src/illada/assets/models/illada-arithmetic \
@@ -21,13 +22,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from model_card import training_facts  # noqa: E402  (the Shakespeare card's reader of a run)
 
 QUESTIONS = ["What is 37 + 48 * 2?", "What is (12 + 7) * 45?", "What is 63 - 88?"]
-CANVAS = dict(max_new_tokens=96, block_length=8, steps=96, variable_length=False)  # the canvas it was trained on
+# the gsm8k preset's zero-shot prompt and the canvas it was trained on: what `illada generate QUESTION` then uses
+GENERATION_CONFIG = {"prompt_template": "Question: {prompt}\nAnswer:", "max_new_tokens": 96, "variable_length": False,
+                     "block_length": 8}
 MODES = {"one token per pass": {}, "--threshold 0.9": dict(threshold=0.9),
          "--threshold 0.7 --cache dual": dict(threshold=0.7, cache="dual")}
-
-
-def prompt_of(question: str) -> str:
-    return f"Question: {question}\nAnswer:"  # the gsm8k preset's zero-shot prompt, the one it was trained on
 
 
 def sample_lines(lm) -> list[str]:
@@ -35,12 +34,13 @@ def sample_lines(lm) -> list[str]:
     for title, options in MODES.items():
         for question in QUESTIONS:
             began = time.perf_counter()
-            text, out = lm.generate(prompt_of(question), return_output=True, **CANVAS, **options)
+            prompt = lm.generation.format_prompt(question)
+            text, out = lm.generate(prompt, return_output=True, **options)  # the canvas of generation_config.json
             seconds = time.perf_counter() - began
             n = int(out.generated_lengths[0])
             lines.append(f"**{title}** · `{question}` — {n} tokens in {int(out.row_nfe[0])} passes "
                          f"({n / max(int(out.row_nfe[0]), 1):.2f} tokens/pass, {seconds:.2f} s)\n\n```text\n"
-                         f"{prompt_of(question)}{text}\n```\n")
+                         f"{prompt}{text}\n```\n")
     return lines
 
 
@@ -75,6 +75,7 @@ def main() -> None:
     args = p.parse_args()
     final = args.stages[-1]
     model_config = json.loads((args.model / "config.json").read_text())
+    write_atomic(args.model / "generation_config.json", json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     lm = illada.load(args.model)
     params = lm.model.num_parameters()
     weights_mb = sum(f.stat().st_size for f in args.model.glob("*.safetensors")) / 1e6
@@ -94,13 +95,14 @@ A {params / 1e6:.1f}M-parameter masked diffusion language model (bidirectional T
 
 It is a base model, not chat-tuned. Its prompt is `Question: <q>\\nAnswer:`, which `illada eval --task gsm8k
 --num-fewshot 0` writes (no `--instruct`). It was trained on LLaDA's fixed canvas decoded in blocks of at most 8
-tokens, so decode it that way:
+tokens. Its `generation_config.json` records both (`prompt_template`, and a fixed canvas of 96 tokens in blocks of
+8), so `illada generate` frames a bare question and decodes it that way; flags override it, and `--raw` sends the
+prompt as given. `illada eval` takes its settings from the task preset instead, so the canvas is given there:
 
 ```console
+$ illada generate "What is 37 + 48 * 2?" --model illada-arithmetic --threshold 0.9
 $ illada eval --model illada-arithmetic --task gsm8k --data test.jsonl --num-fewshot 0 \\
     --fixed-length --max-new-tokens 96 --block-length 8 --steps 96
-$ illada generate $'Question: What is 37 + 48 * 2?\\nAnswer:' --model illada-arithmetic \\
-    --fixed-length --max-new-tokens 96 --block-length 8 --steps 96 --threshold 0.9
 ```
 
 ## How it was trained
@@ -124,7 +126,7 @@ used one CPU thread on a 2-core machine shared with another run, in fp32. The da
 
 ## Samples
 
-Real outputs of the bundled weights (greedy), each with the canvas flags above and the options named:
+Real outputs of the bundled weights (greedy), on the canvas of its generation_config.json with the options named:
 
 {chr(10).join(sample_lines(lm))}
 """

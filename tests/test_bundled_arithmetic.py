@@ -32,3 +32,14 @@ def test_it_computes_and_threshold_decoding_commits_several_tokens_per_pass(lm, 
     assert [answer(t) for t in texts] == expected
     per_pass = (out.generated_lengths.float() / out.row_nfe.float()).min().item()
     assert per_pass > (2.0 if options else 0.0) and (per_pass <= 1.0) == (not options)
+
+
+def test_the_issue_command_needs_no_prompt_or_canvas_flags(lm, capsys):
+    """`illada generate "What is 37 + 48 * 2?" --model illada-arithmetic --threshold 0.9`: the model's
+    generation_config.json frames the question and sets its canvas; several tokens commit per pass."""
+    from illada.__main__ import main
+
+    assert main(["generate", "What is 37 + 48 * 2?", "--model", NAME, "--threshold", "0.9"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Question: What is 37 + 48 * 2?\nAnswer:") and answer(out) == 37 + 48 * 2
+    assert float(err.split(" tokens/forward")[0].split("·")[-1]) > 2.0

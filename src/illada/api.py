@@ -12,6 +12,7 @@ from illada.errors import IlladaError
 from illada.model import Transformer, build_model
 from illada.runtime import resolve_device, resolve_dtype
 from illada.sampling.config import SamplingConfig
+from illada.sampling.generation_config import GenerationDefaults, read_generation_config
 from illada.special_tokens import SpecialTokens
 from illada.tokenizer import Tokenizer
 
@@ -29,13 +30,15 @@ def bundled_models() -> dict[str, Path]:
 
 @dataclass
 class DiffusionLM:
-    """A loaded model with its tokenizer. `is_random` marks the untrained stand-in for a missing bundled model."""
+    """A loaded model with its tokenizer. `is_random` marks the untrained stand-in for a missing bundled model;
+    `generation` holds the defaults of its generation_config.json (illada.sampling.generation_config)."""
 
     model: Transformer
     tokenizer: Tokenizer
     config: ModelConfig
     name: str
     is_random: bool = False
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     special: SpecialTokens = field(init=False)  # resolved once, here, and passed to the sampler and scorers
 
     def __post_init__(self) -> None:
@@ -52,8 +55,9 @@ class DiffusionLM:
         return self.special.mask
 
     def sampling_config(self, config: SamplingConfig | None = None, **options) -> SamplingConfig:
-        """`config` (default: `SamplingConfig()`) with `options` applied and this model's token ids filled in."""
-        config = config if config is not None else SamplingConfig()
+        """`config` (default: this model's generation defaults over `SamplingConfig()`) with `options` applied and
+        this model's token ids filled in."""
+        config = config if config is not None else self.generation.sampling_config()
         if options:
             config = config.replace(**options)
         if self.special.mask is None and not self.config.causal:
@@ -312,7 +316,8 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
     tokenizer = Tokenizer.from_dir(path, mask_token_id=mask_token_id)
     if mask_token_id is not None:
         config = config.replace(mask_token_id=mask_token_id)
-    return DiffusionLM(model=model.eval(), tokenizer=tokenizer, config=config, name=name)
+    return DiffusionLM(model=model.eval(), tokenizer=tokenizer, config=config, name=name,
+                       generation=read_generation_config(path))
 
 
 def _lora_checkpoint(name: str | Path) -> bool:

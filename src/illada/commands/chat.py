@@ -5,8 +5,8 @@ import argparse
 import sys
 from typing import Callable, Iterable, TextIO
 
-from illada.commands.generate import add_model_arguments, add_sampling_arguments, load_model
-from illada.commands.sampling_flags import sampling_config
+from illada.commands.generate import (add_model_arguments, add_sampling_arguments, load_model,
+                                      model_sampling_config)
 
 HELP = "commands: /reset starts a new conversation, /exit quits (Ctrl-D too)"
 
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.system is not None:
         check_unicode(args.system, "--system")
     lm = load_model(args)
-    config = lm.sampling_config(sampling_config(args))
+    config = model_sampling_config(lm, args)
     interactive = sys.stdin.isatty()
     if lm.is_random:
         print("(random-weight stand-in model: its replies are noise)", file=sys.stderr)

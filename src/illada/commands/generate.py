@@ -33,8 +33,15 @@ def load_model(args: argparse.Namespace):
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every `SamplingConfig` knob as a flag (illada.commands.sampling_flags)."""
-    add_sampling_flags(parser.add_argument_group("sampling"))
+    """Every `SamplingConfig` knob as a flag (illada.commands.sampling_flags), over the model's defaults."""
+    group = parser.add_argument_group(
+        "sampling", "a flag not given takes the model's generation_config.json value, else the default shown")
+    add_sampling_flags(group, layered=True)
+
+
+def model_sampling_config(lm, args: argparse.Namespace):
+    """The sampler config of a run: the model's generation defaults with the sampling flags given on top."""
+    return lm.sampling_config(sampling_config(args, base=lm.generation.sampling_config()))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template as a user turn")
+    parser.add_argument("--raw", action="store_true",
+                        help="use each prompt as given, without the prompt_template of the model's "
+                             "generation_config.json")
     parser.add_argument("--show", action="store_true", help="live view of the denoising in the terminal")
     parser.add_argument("--record", default=None, metavar="OUT.html|OUT.gif", help="save the denoising history")
 
@@ -70,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if args.record:  # before any work: an unwritable path is found now, not after the generation
         check_output_file(args.record, "--record")
     lm = load_model(args)
+    config = model_sampling_config(lm, args)
+    if not args.chat and not args.raw:  # a base model's framing of a bare prompt, e.g. "Question: ...\nAnswer:"
+        prompts = [lm.generation.format_prompt(p) for p in prompts]
     if lm.config.causal:  # an `--objective ar` twin: greedy left to right with a KV cache
         if args.show or args.record:
             raise IlladaError(f"{lm.name} is an autoregressive model: --show/--record show diffusion canvases")
@@ -77,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():  # its notes are printed below, as for the diffusion path
             warnings.simplefilter("ignore")
             texts, output = lm.generate(prompts, chat=args.chat, return_output=True,
-                                        max_new_tokens=args.gen_length)
+                                        max_new_tokens=config.gen_length)
         seconds = time.perf_counter() - began
         _print_notes(output)
         for prompt, text in zip(prompts, texts):
@@ -86,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{generated} tokens · {output.nfe} forward passes (autoregressive, KV cache) · "
               f"{generated / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
         return 0
-    config = lm.sampling_config(sampling_config(args))
     ids, mask = lm.encode_prompts(prompts, chat=args.chat)
     token_text = _token_text(lm.tokenizer)
     prompt_text = lm.tokenizer.decode(ids[0][mask[0].bool()].tolist())

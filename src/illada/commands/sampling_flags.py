@@ -22,21 +22,26 @@ def _default(f: dataclasses.Field):
 
 
 def add_sampling_flags(group, *, only: Iterable[str] | None = None, skip: Iterable[str] = (),
-                       defaults: bool = True, unset: str | None = None, help: dict[str, str] | None = None) -> None:
+                       defaults: bool = True, unset: str | None = None, help: dict[str, str] | None = None,
+                       layered: bool = False) -> None:
     """One flag per user-set `SamplingConfig` field (those in `only`, minus `skip`), dest = the field name.
 
     `defaults`: the flags default to the config's defaults (shown in --help); otherwise to None, meaning
-    "unset", described by `unset` (e.g. "the preset's") in each help text. `help` overrides a field's text."""
+    "unset", described by `unset` (e.g. "the preset's") in each help text. `layered`: None too (so a layer under
+    the flags, a model's generation_config.json, shows through), with the config's defaults still shown in --help.
+    `help` overrides a field's text."""
     only = set(only) if only is not None else None
     fields = [f for f in SamplingConfig.user_fields("flag")
               if (only is None or f.name in only) and f.name not in skip]
     group.set_defaults(sampling_fields=tuple(f.name for f in fields))  # what `sampling_changes` reads back
     for f in fields:
         text = (help or {}).get(f.name, f.metadata["help"])
-        default = _default(f) if defaults else None
+        default = _default(f) if defaults or layered else None
         if "(default" not in text:
             shown = f.metadata["shown"] or ("none" if default is None or default == () else default)
-            text = f"{text} (default: {shown if defaults else unset or 'none'})"
+            text = f"{text} (default: {shown if defaults or layered else unset or 'none'})"
+        if layered:
+            default = None
         kind = str(f.type)
         if kind == "bool":
             if f.name in NEGATIVE_FLAGS:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     g = parser.add_argument_group("sampling defaults (a request's own fields override them)")
     add_sampling_flags(g, skip={"gen_length", "stop_strings", "seed"}, defaults=False,
-                       unset="the sampler's: variable length, one token per pass, greedy")
+                       unset="the model's generation_config.json, else the sampler's: variable length, one token per pass, "
+                             "greedy")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -61,6 +63,12 @@ def settings_from_args(args: argparse.Namespace):
     sampling = SamplingConfig(**sampling_changes(args))
     return ServerSettings(api_key=api_key, max_batch=args.max_batch, queue_size=args.queue_size,
                           timeout=args.timeout, limits=limits, model_name=args.model_name, sampling=sampling)
+
+
+def server_sampling(lm, args: argparse.Namespace):
+    """What requests start from: the sampling flags over the model's generation_config.json defaults (the flags
+    alone were checked before the load, by `settings_from_args`)."""
+    return lm.generation.sampling_config().replace(**sampling_changes(args))
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -95,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)
     try:
         lm = load_model(args)
+        settings = dataclasses.replace(settings, sampling=server_sampling(lm, args))
         app = create_app(lm, settings)
     except BaseException:
         sock.close()

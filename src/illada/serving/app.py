@@ -50,7 +50,8 @@ class ServerSettings:
     timeout: float = 600.0  # seconds per request, queueing included
     limits: Limits = field(default_factory=Limits)
     model_name: str | None = None  # the id clients use; default: the checkpoint directory's name
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # what a request's fields start from
+    # what a request's fields start from; None: the model's generation_config.json defaults over the sampler's
+    sampling: SamplingConfig | None = None
 
 
 def api_error(error: ServingError) -> ApiError:
