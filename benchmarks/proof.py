@@ -33,6 +33,7 @@ from illada.api import bundled_models
 from illada.errors import IlladaError
 from illada.evaluation import evaluate, get_preset, load_samples
 from illada.files import write_atomic, write_json_atomic
+from illada.sampling.config import CACHES
 
 RUNS = Path("runs")
 ARITH_TEST = RUNS / "arithmetic" / "test.jsonl"
@@ -160,7 +161,7 @@ def grid_cells(task: str, limit: int, batch: int) -> list[Cell]:
     modes += [(f"threshold {t}", dict(threshold=t)) for t in (0.95, 0.9, 0.8, 0.7, 0.5)]
     modes += [(f"factor {f}", dict(factor=f)) for f in (1, 2)]
     for name, extra in modes:
-        for cache in ("none", "prefix", "dual"):
+        for cache in CACHES:
             cells.append(Cell("parallel", f"{name} · cache {cache}", str(grid.mdm), grid.task, grid.data,
                               {**base, **extra, "cache": cache}, task))
     return cells
@@ -320,7 +321,7 @@ def plots(cells: list[Cell], results: dict, out: Path, task: str) -> list[Path]:
     if not modes:
         return []
     written = []
-    markers = {"none": "o", "prefix": "s", "dual": "^"}
+    markers = {"none": "o", "prefix": "s", "dual": "^", "committed": "D"}
     for x_key, name, xlabel in (("tokens_per_forward", "accuracy_vs_tokens_per_forward.png", "tokens per forward"),
                                 ("tokens_per_second", "accuracy_vs_tokens_per_second.png", "tokens / s (CPU)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -337,7 +338,7 @@ def plots(cells: list[Cell], results: dict, out: Path, task: str) -> list[Path]:
             x = 1.0 if x_key == "tokens_per_forward" else r.get("tokens_per_second", 0)
             ax.scatter(x, 100 * r["score"], marker="*", s=140, color="black", label="AR twin (KV cache)")
             ax.legend(loc="lower left", fontsize=8)
-        ax.set_xlabel(xlabel + "   (markers: o no cache, s prefix, ^ dual)")
+        ax.set_xlabel(xlabel + "   (markers: o no cache, s prefix, ^ dual, D committed)")
         ax.set_ylabel("held-out accuracy %")
         ax.set_title(f"{task} MDM: accuracy vs " + xlabel)
         ax.grid(alpha=0.3)

@@ -105,7 +105,9 @@ def test_saved_activations_are_what_autograd_saves(lora_r, dtype):
     ("sft", {"seq_len": 64, "batch": 2}),
     ("sft", {"seq_len": 64, "batch": 2, "lora_r": 4, "activation_checkpointing": True}),
     ("generate", {"seq_len": 96, "batch": 2, "cache": "dual", "block_length": 16, "prompt_len": 16}),
-], ids=["sft-full", "sft-lora-checkpointed", "generate-dual-cache"])
+    ("generate", {"seq_len": 96, "batch": 2, "cache": "committed", "block_length": 16, "prompt_len": 16,
+                  "fixed_length": True}),
+], ids=["sft-full", "sft-lora-checkpointed", "generate-dual-cache", "generate-committed-cache"])
 def test_estimate_is_within_15_percent_of_the_measured_peak(job, options):
     """measure_memory: the peak of live tensor storage of a real step (fp32, CPU), followed by a dispatch mode."""
     if options.get("lora_r"):

@@ -469,10 +469,65 @@ def test_cached_path_is_exact_for_one_layer(policy):
     assert torch.equal(run(model, **var).sequences, run(model, cache=policy, **var).sequences)
 
 
+@pytest.mark.parametrize("shift", [False, True])
+def test_committed_cache_is_exact_for_one_layer_and_recomputes_at_most_two_blocks(shift):
+    # one layer: a token's keys/values depend on it and its position only, so freezing them once committed is exact
+    model = Recorder(sharp_model(seed=45, n_layers=1, shift=shift))
+    for options in (dict(gen_length=12, block_length=4, steps=12), dict(gen_length=12, block_length=4, steps=12,
+                                                                         threshold=0.3),
+                    dict(gen_length=12, block_length=4, steps=4, variable_length=True)):
+        plain = run(model, **options)
+        model.lengths.clear()
+        cached = run(model, cache="committed", **options)
+        assert torch.equal(plain.sequences, cached.sequences) and cached.nfe == plain.nfe
+        # one full pass (the prompt, 6 tokens, and the canvas so far), then the block; at each later block's first
+        # step also the block just finished; a shifted model adds the position before the block
+        first = 6 + (4 if options.get("variable_length") else 12)
+        assert model.lengths[0] == first
+        assert set(model.lengths[1:]) <= {4 + shift, 8}
+        assert model.lengths.count(8) == 2  # blocks 2 and 3 begin by recomputing blocks 1 and 2
+
+
+def test_cache_write_before_stores_exactly_the_positions_before_it():
+    from illada.model import KVCache
+
+    model = sharp_model(seed=46, n_layers=1)
+    ids = torch.randint(4, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[:, 4:8] = torch.randint(4, 60, (2, 4), generator=torch.Generator().manual_seed(1))
+    cache, fresh = KVCache(), KVCache()
+    with torch.no_grad():
+        model(ids, kv_cache=cache)
+        before = cache.keys[0].clone()
+        cache.write_before = 6
+        model(changed[:, 4:8], kv_cache=cache, cache_start=4)
+        model(changed, kv_cache=fresh)  # one layer: these are the keys of the changed tokens
+    keys = cache.keys[0]
+    assert torch.equal(keys[:, :, 4:6], fresh.keys[0][:, :, 4:6])  # written back
+    assert torch.equal(keys[:, :, :4], before[:, :, :4]) and torch.equal(keys[:, :, 6:], before[:, :, 6:])
+    # a canvas that grew past the cache: the new positions are appended
+    grown = torch.cat([changed, ids[:, :3]], dim=1)
+    cache.write_before = 13
+    with torch.no_grad():
+        model(grown[:, 8:], kv_cache=cache, cache_start=8)
+        model(grown, kv_cache=fresh)
+    assert cache.keys[0].shape[2] == 13 and torch.equal(cache.keys[0][:, :, 8:], fresh.keys[0][:, :, 8:])
+
+
+def test_committed_cache_refuses_a_refresh_and_infill():
+    from illada.sampling.infill import InfillConfig
+
+    with pytest.raises(IlladaError, match="never refreshes"):
+        SamplingConfig(cache="committed", cache_refresh=2)
+    with pytest.raises(IlladaError, match="infill takes none, prefix or dual"):
+        InfillConfig(cache="committed")
+
+
 def test_approximate_cache_runs_with_cfg_and_counts_nfe():
     model = sharp_model(seed=47)
-    out = run(model, gen_length=12, block_length=4, steps=12, cache="dual", cfg_scale=1.0, threshold=0.5)
-    assert out.nfe % 2 == 0 and (out.sequences[:, out.prompt_length:] != MASK).all()
+    for cache in ("dual", "committed"):
+        out = run(model, gen_length=12, block_length=4, steps=12, cache=cache, cfg_scale=1.0, threshold=0.5)
+        assert out.nfe % 2 == 0 and (out.sequences[:, out.prompt_length:] != MASK).all()
 
 
 def test_end_think_boost_exact_formula():

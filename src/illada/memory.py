@@ -51,7 +51,7 @@ from illada.errors import IlladaError
 
 JOBS = ("sft", "rl", "generate")
 DTYPES = {"fp32": 4, "bf16": 2}
-CACHES = ("none", "prefix", "dual")
+CACHES = ("none", "prefix", "dual", "committed")
 QUANTIZE = ("int8", "int4")
 ESTIMATOR_FORWARDS = {"mean_field": 1, "coupled": 2, "elbo": 2}  # stacked rows of one scoring forward (elbo: 2 samples)
 DEVICES = ("cuda", "cpu")
@@ -316,7 +316,8 @@ def _inference_peak(config: ModelConfig, *, rows: int, length: int, c: int, bloc
     holds from the step before (in fp32 the block's logits are a view that keeps the whole forward's logits alive;
     in bf16 they are a float32 copy of the block). With a cache, a step after a refresh forwards only the block
     (dual; prefix on a variable-length canvas, which ends with the block) or the canvas from the block on
-    (prefix on a fixed canvas: at most all but the prompt): a small forward beside the refresh's full logits, or
+    (prefix on a fixed canvas: at most all but the prompt), or two blocks (committed, at a block's first step):
+    a small forward beside the refresh's full logits, or
     the refresh beside a small step's."""
     v = config.vocab_size
 
@@ -334,7 +335,8 @@ def _inference_peak(config: ModelConfig, *, rows: int, length: int, c: int, bloc
     sampler = {"sampler step": _SAMPLER_COPIES[sampling] * rows * block * v * 4}
     candidates = {name: held(length) + value for name, value in {**forward(length), **sampler}.items()}
     if cache != "none":  # the refresh beside a small step's logits; a small step's forward beside the refresh's
-        small = max(block, length - prompt_len) if cache == "prefix" and fixed_length else block
+        small = (max(block, length - prompt_len) if cache == "prefix" and fixed_length
+                 else min(2 * block, length) if cache == "committed" else block)  # committed: a block's first step
         candidates = {name: held(small) + value for name, value in forward(length).items()}
         candidates.update({f"{name} (cached step)": held(length) + value
                            for name, value in {**forward(small), **sampler}.items()})

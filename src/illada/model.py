@@ -54,11 +54,13 @@ class KVCache:
 
     A forward with `kv_cache` and `cache_start=None` computes the full sequence and stores its keys/values.
     A forward with `cache_start=s` takes only tokens s..s+Lq as input: their keys/values are computed fresh and
-    spliced over the cached ones (not written back), and their queries attend over the whole canvas.
+    spliced over the cached ones, and their queries attend over the whole canvas (cached positions, then the new
+    ones: the canvas may have grown past the cache). Only positions before `write_before` are written back.
     """
 
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
+    write_before: int = 0  # with cache_start: store the fresh keys/values of positions < write_before
 
     def __len__(self) -> int:
         return 0 if not self.keys else self.keys[0].shape[2]
@@ -99,6 +101,12 @@ class Attention(nn.Module):
             else:
                 ck, cv = kv_cache.keys[self.layer_idx], kv_cache.values[self.layer_idx]
                 end = cache_start + length
+                kept = kv_cache.write_before - cache_start
+                if kept > 0:  # the cache may end before these positions (a canvas that grew): rebuilt, not written
+                    w = kv_cache.write_before
+                    kv_cache.keys[self.layer_idx] = torch.cat([ck[:, :, :cache_start], k[:, :, :kept], ck[:, :, w:]], 2)
+                    kv_cache.values[self.layer_idx] = torch.cat([cv[:, :, :cache_start], v[:, :, :kept], cv[:, :, w:]],
+                                                                2)
                 k = torch.cat([ck[:, :, :cache_start], k, ck[:, :, end:]], dim=2)
                 v = torch.cat([cv[:, :, :cache_start], v, cv[:, :, end:]], dim=2)
         y = F.scaled_dot_product_attention(
@@ -206,7 +214,8 @@ class Transformer(nn.Module):
         cache_start..cache_start+L of a canvas whose keys/values `kv_cache` holds, and the masks span the canvas.
         """
         b, length = input_ids.shape
-        k_len = len(kv_cache) if (kv_cache is not None and cache_start is not None) else length
+        k_len = (max(len(kv_cache), cache_start + length) if (kv_cache is not None and cache_start is not None)
+                 else length)
         q_offset = cache_start or 0
         if position_ids is None:
             full = positions_from_masks(attention_mask, segment_ids, (b, k_len), input_ids.device)

@@ -103,8 +103,10 @@ class RLConfig:
             raise IlladaError(f"rl: threshold must be in (0, 1), got {self.threshold}")
         if self.ratio not in ("sequence", "token"):
             raise IlladaError(f"rl: ratio must be sequence or token, got {self.ratio!r}")
-        if self.cache not in ("none", "prefix", "dual"):
-            raise IlladaError(f"rl: cache must be none, prefix or dual, got {self.cache!r}")
+        from illada.sampling.config import CACHES
+
+        if self.cache not in CACHES:
+            raise IlladaError(f"rl: cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
         if self.task not in ("gsm8k", "exact"):
             raise IlladaError(f"rl: task must be gsm8k or exact, got {self.task!r}")
         from illada.rl.estimators import ESTIMATORS

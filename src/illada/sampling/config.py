@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from illada.errors import IlladaError
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
-CACHES = ("none", "prefix", "dual")
+CACHES = ("none", "prefix", "dual", "committed")
 EOS_CONFIDENCE = ("normal", "neg_inf")
 DEFAULT_BLOCK_LENGTH = 32
 
@@ -66,7 +66,8 @@ class SamplingConfig:
                                          "one per step)", low=0.0, high=1.0)
     factor: float | None = knob(None, "parallel decoding: commit the n most confident while (n + 1)(1 - c_n) < "
                                       "factor", low=0.0)
-    cache: str = knob("none", "approximate KV cache (Fast-dLLM)", choices=CACHES)
+    cache: str = knob("none", "approximate KV cache: prefix/dual (Fast-dLLM, refreshed at every block), committed "
+                              "(finished blocks' keys/values kept, never refreshed)", choices=CACHES)
     cache_refresh: int | None = knob(None, "also refresh the cache every k steps inside a block", low=1)
     forbid_eos: bool = knob(False, "never generate EOS")
     eos_confidence: str = knob("normal", "neg_inf: commit EOS/EOT candidates last", choices=EOS_CONFIDENCE)
@@ -116,6 +117,8 @@ class SamplingConfig:
         need(self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}")
         need(self.cache in CACHES, f"unknown cache {self.cache!r}; choose from {', '.join(CACHES)}")
         need(self.cache_refresh is None or self.cache_refresh >= 1, "cache_refresh must be >= 1")
+        need(self.cache_refresh is None or self.cache != "committed",
+             "cache_refresh applies to the prefix and dual caches; the committed cache never refreshes")
         need(self.threshold is None or self.factor is None, "use either threshold or factor, not both")
         need(self.threshold is None or 0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}")
         need(self.factor is None or self.factor > 0, f"factor must be > 0, got {self.factor}")

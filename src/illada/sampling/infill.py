@@ -75,6 +75,8 @@ class InfillConfig:
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in ("steps", "allow_shorter")}
         SamplingConfig(**shared)
+        if self.cache == "committed":  # its blocks follow one another; the holes of a text need not
+            raise IlladaError("cache 'committed' is for generation's blocks; infill takes none, prefix or dual")
 
     @classmethod
     def option_names(cls) -> set[str]:
