@@ -173,9 +173,15 @@ def task_cells(limit: int, batch: int) -> list[Cell]:
     for kind in ("mdm", "ar"):
         cells.append(Cell("tasks", f"sudoku 6x6 · {kind.upper()}", str(RUNS / "sudoku" / kind), "exact", sudoku,
                           dict(max_new_tokens=48, block_length=48, steps=48, limit=limit, batch_size=batch)))
+    # the byte-level twins, then the twins on a BPE trained on the facts (a name one token), if trained
+    twins = [("mdm", "MDM"), ("ar", "AR")] + [(run, label) for run, label in (("bpe-mdm", "MDM, BPE"),
+                                                                            ("bpe-ar", "AR, BPE"))
+                                              if (RUNS / "reversal" / run / "checkpoints").exists()]
     for probe in ("forward", "reverse", "infill"):
-        for kind in ("mdm", "ar") if probe != "infill" else ("mdm",):
-            cells.append(Cell("tasks", f"reversal · {probe} · {kind.upper()}", str(RUNS / "reversal" / kind), "exact",
+        for run, label in twins:
+            if probe == "infill" and run.endswith("ar"):  # a causal model cannot fill a hole before its context
+                continue
+            cells.append(Cell("tasks", f"reversal · {probe} · {label}", str(RUNS / "reversal" / run), "exact",
                               RUNS / "reversal" / f"test-{probe}.jsonl",
                               dict(max_new_tokens=32, block_length=16, steps=16, limit=limit, batch_size=batch)))
     return cells

@@ -116,3 +116,10 @@ def test_the_library_and_the_server_start_from_the_model_file(model_dir):
     assert (request.config.threshold, request.config.block_length, request.config.gen_length) == (0.8, 4, 8)
     args = build_parser().parse_args(["serve", "--model", str(model_dir), "--cache", "dual", "--factor", "1"])
     assert server_sampling(lm, args) == SamplingConfig(factor=1.0, cache="dual", block_length=4)
+
+
+def test_info_shows_the_model_defaults(model_dir, capsys):
+    write(model_dir, {"prompt_template": TEMPLATE, "block_length": 8, "eos_token_id": 2})
+    assert main(["info", "--model", str(model_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["generation_defaults"] == {"block_length": 8,
+                                                                          "prompt_template": TEMPLATE}

@@ -95,8 +95,13 @@ def describe(model: str | None = None, preset_name: str | None = None) -> dict:
     """Architecture facts of a preset or checkpoint (the weights are never read: a meta-device model is built)."""
     config, source, path = resolve_config(model, preset_name)
     special: dict[str, int] = {}
-    dtype = None
+    dtype, generation = None, {}
     if path is not None:
+        from illada.sampling.generation_config import read_generation_config
+
+        defaults = read_generation_config(path)  # what generate/chat/serve start from (its own file)
+        generation = {**defaults.options, **({"prompt_template": defaults.prompt_template}
+                                             if defaults.prompt_template is not None else {})}
         dtype = _checkpoint_dtype(path)
         if (path / "tokenizer.json").is_file():
             from illada.tokenizer import Tokenizer
@@ -110,6 +115,7 @@ def describe(model: str | None = None, preset_name: str | None = None) -> dict:
         "tied_embeddings": config.tie_word_embeddings, "attention": "causal" if config.causal else "bidirectional",
         "params_total": config.num_parameters(), "params_non_embedding": config.num_parameters(non_embedding=True),
         "dtype": dtype, "mask_token_id": config.mask_token_id, "special_tokens": special,
+        "generation_defaults": generation,
     }
 
 
@@ -130,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
     table = Table(title=facts["source"], show_header=False)
     for key, value in facts.items():
-        if key in ("source", "special_tokens"):
+        if key in ("source", "special_tokens", "generation_defaults"):
             continue
         if key.startswith("params_"):
             value = f"{format_count(value)} ({value:,})"
@@ -139,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(key.replace("_", " "), str(value))
     if facts["special_tokens"]:
         table.add_row("special tokens", ", ".join(f"{k}={v}" for k, v in facts["special_tokens"].items()))
+    if facts["generation_defaults"]:
+        table.add_row("generation defaults", ", ".join(f"{k}={v!r}" for k, v in facts["generation_defaults"].items()))
     Console().print(table)
     return 0
 
