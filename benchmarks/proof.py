@@ -142,11 +142,17 @@ def arithmetic_cells(limit: int, batch: int) -> list[Cell]:
     for run, label in (("semiar-mdm", "the aligned MDM continued on semi-AR SFT rows, blocks <= 16"),
                        ("adapted-mdm", "adapted from the AR twin, semi-AR rows, blocks <= 16, lr 3e-4"),
                        ("adapted-mdm-cont", "the same continued 1,200 steps, blocks <= 8, lr 1e-4"),
+                       ("adapted-mdm-long", "that continued 3,000 more steps, blocks <= 8, lr 1e-4"),
                        ("adapted-mdm-b8", "adapted from the AR twin, blocks <= 8, lr 1.5e-4"),
                        ("adapted-mdm-b8-lr75", "adapted from the AR twin, blocks <= 8, lr 7.5e-5")):
         if (RUNS / "arithmetic" / run / "checkpoints").exists():
             cells.append(Cell("tasks", f"arithmetic, aligned working · MDM {label} (blocks of 8, 1 token/pass)",
                               str(RUNS / "arithmetic" / run), "gsm8k", ARITH_TEST, semi))
+    for run in ("adapted-mdm-cont", "adapted-mdm-long"):  # the same with the committed KV cache
+        if (RUNS / "arithmetic" / run / "checkpoints").exists():
+            cells.append(Cell("tasks", f"arithmetic, aligned working · MDM `{run}`, committed KV cache (blocks of 8, "
+                                       "1 token/pass)", str(RUNS / "arithmetic" / run), "gsm8k", ARITH_TEST,
+                              {**semi, "cache": "committed"}))
     return cells
 
 

@@ -25,3 +25,4 @@ $ILLADA train recipes/reversal-adapted-mdm.yaml --no-progress
   --out $RUN/data-bpe --quiet
 $ILLADA train recipes/reversal-bpe-mdm.yaml --no-progress
 $ILLADA train recipes/reversal-bpe-ar.yaml --no-progress
+$ILLADA train recipes/reversal-bpe-mdm-long.yaml --no-progress
