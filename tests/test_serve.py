@@ -162,6 +162,19 @@ def test_sampler_knobs_fixed_canvas_and_stop(server, lm):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_committed_cache_matches_the_library(server, lm):
+    # its frozen keys/values come from the passes that finished each block: a generation cut at a block boundary
+    # and resumed would recompute them, so such rows run whole, not block by block
+    url, _ = server
+    knobs = {"block_length": 4, "cache": "committed", "forbid_eos": True, "threshold": 0.2}
+    r = client(url).completions.create(model="tiny-serve", prompt="ROMEO:", max_tokens=16, temperature=0,
+                                       extra_body=knobs)
+    assert r.choices[0].text == expected(lm, "ROMEO:", max_new_tokens=16, **knobs)
+    from illada.serving.batcher import schedule
+
+    assert schedule(lm.sampling_config(max_new_tokens=16, **knobs))[1] is False
+
+
 def test_stop_string_across_a_block_boundary(server, lm):
     """Rows run one block at a time; a stop string that starts in one block and ends in the next still stops."""
     url, _ = server

@@ -98,11 +98,13 @@ def schedule(config) -> tuple[tuple, bool]:
     rebuilt at every block), so such rows are run one block at a time and new rows join the batch at block
     boundaries. Their key leaves out the per-row budget and stop strings. Not in block mode: a fixed canvas
     (future masks take part in attention), classifier-free guidance (its unconditional input masks the prompt
-    only), and a seeded stochastic request, which runs alone: its random draws would depend on the other rows
-    of a batch, and a seed promises a reproducible answer.
+    only), the committed cache (its keys/values of finished blocks are those of the passes that finished them,
+    which a resumed run would recompute), and a seeded stochastic request, which runs alone: its random draws
+    would depend on the other rows of a batch, and a seed promises a reproducible answer.
     """
     seeded = config.is_random and config.seed is not None
-    by_block = bool(getattr(config, "variable_length", False)) and not config.cfg_scale and not seeded
+    by_block = (bool(getattr(config, "variable_length", False)) and not config.cfg_scale and not seeded
+                and config.cache != "committed")
     if by_block:  # the block that all rows run is what must agree, not each row's budget
         config = config.replace(gen_length=1, block_length=config.resolved_block_length,
                                 steps=config.resolved_steps, stop_strings=())
