@@ -180,8 +180,8 @@ def task_cells(limit: int, batch: int) -> list[Cell]:
         cells.append(Cell("tasks", f"sudoku 6x6 · {kind.upper()}", str(RUNS / "sudoku" / kind), "exact", sudoku,
                           dict(max_new_tokens=48, block_length=48, steps=48, limit=limit, batch_size=batch)))
     # the byte-level twins, then the twins on a BPE trained on the facts (a name one token), if trained
-    twins = [("mdm", "MDM"), ("ar", "AR")] + [(run, label) for run, label in (("bpe-mdm", "MDM, BPE"),
-                                                                            ("bpe-ar", "AR, BPE"))
+    bpe = (("bpe-mdm", "MDM, BPE"), ("bpe-ar", "AR, BPE"), ("bpe-mdm-long", "MDM, BPE, 2x the steps"))
+    twins = [("mdm", "MDM"), ("ar", "AR")] + [(run, label) for run, label in bpe
                                               if (RUNS / "reversal" / run / "checkpoints").exists()]
     for probe in ("forward", "reverse", "infill"):
         for run, label in twins:
