@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from model_card import training_facts  # noqa: E402  (the Shakespeare card's reader of a run)
 
 QUESTIONS = ["What is 37 + 48 * 2?", "What is (12 + 7) * 45?", "What is 63 - 88?"]
-# the gsm8k preset's zero-shot prompt and the canvas it was trained on: what `illada generate QUESTION` then uses
-# and the committed KV cache, as accurate as none here and the fastest (README, "KV caches")
+# what `illada generate QUESTION` then uses: the gsm8k preset's zero-shot prompt, the canvas it was trained on and
+# the committed KV cache (as accurate as none here, and the fastest: README, "KV caches")
 GENERATION_CONFIG = {"prompt_template": "Question: {prompt}\nAnswer:", "max_new_tokens": 96, "variable_length": False,
                      "block_length": 8, "cache": "committed"}
 MODES = {"one token per pass": {}, "--threshold 0.9": dict(threshold=0.9),

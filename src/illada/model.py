@@ -66,6 +66,11 @@ class KVCache:
         return 0 if not self.keys else self.keys[0].shape[2]
 
 
+def _spliced(cached: torch.Tensor, fresh: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """`cached` (B, H, L, D) with positions start..end replaced by `fresh` (the sequence axis may change length)."""
+    return torch.cat([cached[:, :, :start], fresh, cached[:, :, end:]], dim=2)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -100,15 +105,13 @@ class Attention(nn.Module):
                     kv_cache.keys[self.layer_idx], kv_cache.values[self.layer_idx] = k, v
             else:
                 ck, cv = kv_cache.keys[self.layer_idx], kv_cache.values[self.layer_idx]
-                end = cache_start + length
                 kept = kv_cache.write_before - cache_start
                 if kept > 0:  # the cache may end before these positions (a canvas that grew): rebuilt, not written
                     w = kv_cache.write_before
-                    kv_cache.keys[self.layer_idx] = torch.cat([ck[:, :, :cache_start], k[:, :, :kept], ck[:, :, w:]], 2)
-                    kv_cache.values[self.layer_idx] = torch.cat([cv[:, :, :cache_start], v[:, :, :kept], cv[:, :, w:]],
-                                                                2)
-                k = torch.cat([ck[:, :, :cache_start], k, ck[:, :, end:]], dim=2)
-                v = torch.cat([cv[:, :, :cache_start], v, cv[:, :, end:]], dim=2)
+                    kv_cache.keys[self.layer_idx] = _spliced(ck, k[:, :, :kept], cache_start, w)
+                    kv_cache.values[self.layer_idx] = _spliced(cv, v[:, :, :kept], cache_start, w)
+                end = cache_start + length
+                k, v = _spliced(ck, k, cache_start, end), _spliced(cv, v, cache_start, end)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
         )

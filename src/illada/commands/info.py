@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--quantize", help="int8 | int4: generate's torchao weights; with --lora-r a QLoRA base "
                       "(default: none)")
     plan.add_argument("--device", help="cuda | cpu: the optimizer's kernels and the CUDA context (default cuda)")
-    plan.add_argument("--cache", help="none | prefix | dual | committed: generate's (and rl rollouts') KV cache (default none)")
+    plan.add_argument("--cache", help="none | prefix | dual | committed: generate's (and rl rollouts') KV cache "
+                      "(default none)")
     plan.add_argument("--block-length", type=int, help="generate's block length (default 32)")
     plan.add_argument("--prompt-len", type=int, help="generate's prompt tokens within --seq-len: a longer prompt "
                       "shrinks a prefix cache's steps on a fixed canvas (default 0, the worst case)")
@@ -146,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     if facts["special_tokens"]:
         table.add_row("special tokens", ", ".join(f"{k}={v}" for k, v in facts["special_tokens"].items()))
     if facts["generation_defaults"]:
-        table.add_row("generation defaults", ", ".join(f"{k}={v!r}" for k, v in facts["generation_defaults"].items()))
+        table.add_row("generation defaults",
+                      ", ".join(f"{k}={v!r}" for k, v in facts["generation_defaults"].items()))
     Console().print(table)
     return 0
 

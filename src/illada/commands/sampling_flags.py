@@ -36,10 +36,11 @@ def add_sampling_flags(group, *, only: Iterable[str] | None = None, skip: Iterab
     group.set_defaults(sampling_fields=tuple(f.name for f in fields))  # what `sampling_changes` reads back
     for f in fields:
         text = (help or {}).get(f.name, f.metadata["help"])
-        default = _default(f) if defaults or layered else None
+        known = defaults or layered  # --help states the config's default
+        default = _default(f) if known else None
         if "(default" not in text:
             shown = f.metadata["shown"] or ("none" if default is None or default == () else default)
-            text = f"{text} (default: {shown if defaults or layered else unset or 'none'})"
+            text = f"{text} (default: {shown if known else unset or 'none'})"
         if layered:
             default = None
         kind = str(f.type)

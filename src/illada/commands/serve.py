@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     g = parser.add_argument_group("sampling defaults (a request's own fields override them)")
     add_sampling_flags(g, skip={"gen_length", "stop_strings", "seed"}, defaults=False,
-                       unset="the model's generation_config.json, else the sampler's: variable length, one token per pass, "
-                             "greedy")
+                       unset="the model's generation_config.json, else the sampler's: variable length, one "
+                             "token per pass, greedy")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 

@@ -67,5 +67,5 @@ class BlockForward:
         self.cache.write_before = block_start if self.frozen < block_start else 0
         logits = self.model(canvas[:, start:block_end], attention_mask=attention_mask, kv_cache=self.cache,
                             cache_start=start)
-        self.frozen = max(self.frozen, block_start)
+        self.frozen = block_start  # blocks only move forward
         return logits[:, block_start - start:block_end - start]

@@ -40,7 +40,7 @@ class GenerationDefaults:
 
     def sampling_config(self) -> SamplingConfig:
         """`SamplingConfig()` with this model's options."""
-        return SamplingConfig().replace(**self.options) if self.options else SamplingConfig()
+        return SamplingConfig().replace(**self.options)
 
     def format_prompt(self, text: str) -> str:
         """`text` framed by the prompt template (unchanged without one, and an empty prompt stays empty)."""
