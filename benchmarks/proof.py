@@ -101,6 +101,14 @@ class Grid:
     reference: str = "variable length"  # the one-token-per-pass mode the parallel modes are held to
 
 
+def blocks_of_8_grid(mdm: Path) -> Grid:
+    """An arithmetic MDM on the aligned working decoded on a fixed canvas of 96 in blocks of 8, vs the aligned twin."""
+    return Grid(mdm, RUNS / "arithmetic" / "aligned-ar", "gsm8k", ARITH_TEST,
+                dict(num_fewshot=0, max_new_tokens=96, block_length=8, fixed_length=True, steps=96),
+                ("fixed canvas 96, blocks of 8", {}), variable=dict(fixed_length=None, variable_length=True, steps=8),
+                reference="fixed canvas 96, blocks of 8")
+
+
 GRIDS = {
     "arithmetic": Grid(RUNS / "arithmetic" / "mdm", RUNS / "arithmetic" / "ar", "gsm8k", ARITH_TEST,
                        dict(num_fewshot=0, max_new_tokens=96), ("fixed canvas 96", dict(fixed_length=True, steps=96))),
@@ -110,12 +118,10 @@ GRIDS = {
                                ("fixed canvas 128", dict(fixed_length=True, max_new_tokens=128, steps=128))),
     # the MDM adapted from the aligned AR twin with semi-autoregressive rows (recipes/arithmetic-adapted.sh): trained
     # on a canvas whose later blocks are masks, so the fixed canvas decoded in blocks of 8 is its own mode
-    "arithmetic-adapted": Grid(RUNS / "arithmetic" / "adapted-mdm-cont", RUNS / "arithmetic" / "aligned-ar", "gsm8k",
-                               ARITH_TEST, dict(num_fewshot=0, max_new_tokens=96, block_length=8, fixed_length=True,
-                                                steps=96),
-                               ("fixed canvas 96, blocks of 8", {}),
-                               variable=dict(fixed_length=None, variable_length=True, steps=8),
-                               reference="fixed canvas 96, blocks of 8"),
+    "arithmetic-adapted": blocks_of_8_grid(RUNS / "arithmetic" / "adapted-mdm-cont"),
+    # block-causal (recipes/arithmetic-blocks.sh): causal outside the block being decoded, so every cache is exact
+    # and the variable-length canvas gives the fixed canvas's tokens
+    "arithmetic-blocks": blocks_of_8_grid(RUNS / "arithmetic" / "blocks-mdm"),
     "sudoku": Grid(RUNS / "sudoku" / "mdm", RUNS / "sudoku" / "ar", "exact", RUNS / "sudoku" / "test.jsonl",
                    dict(max_new_tokens=48, block_length=48, steps=48), ("fixed canvas 48", dict(fixed_length=True))),
 }
@@ -126,18 +132,16 @@ def arithmetic_cells(limit: int, batch: int) -> list[Cell]:
     base = dict(num_fewshot=0, max_new_tokens=96, limit=limit, batch_size=batch)
     cells = [Cell("tasks", "arithmetic · MDM (variable length, 1 token/pass)", mdm, "gsm8k", ARITH_TEST, base),
              Cell("tasks", "arithmetic · AR twin (greedy, KV cache)", ar, "gsm8k", ARITH_TEST, base)]
+    # the later runs: a cell whose run is not here is skipped (its cached result, if any, is still shown)
     aligned = RUNS / "arithmetic" / "aligned-mdm", RUNS / "arithmetic" / "aligned-ar"
     long = {**base, "max_new_tokens": 160}  # the aligned working is longer
-    if (aligned[0] / "checkpoints").exists():
-        cells.append(Cell("tasks", "arithmetic, aligned working · MDM (SFT pairs, variable length, 1 token/pass)",
-                          str(aligned[0]), "gsm8k", ARITH_TEST, long))
-    if (aligned[1] / "checkpoints").exists():
-        cells.append(Cell("tasks", "arithmetic, aligned working · AR twin (AR SFT, greedy, KV cache)",
-                          str(aligned[1]), "gsm8k", ARITH_TEST, long))
+    cells.append(Cell("tasks", "arithmetic, aligned working · MDM (SFT pairs, variable length, 1 token/pass)",
+                      str(aligned[0]), "gsm8k", ARITH_TEST, long))
+    cells.append(Cell("tasks", "arithmetic, aligned working · AR twin (AR SFT, greedy, KV cache)",
+                      str(aligned[1]), "gsm8k", ARITH_TEST, long))
     block = RUNS / "arithmetic" / "aligned-mdm-bd"  # the same, half the rows with a clean response prefix
-    if (block / "checkpoints").exists():
-        cells.append(Cell("tasks", "arithmetic, aligned working · MDM (SFT pairs + clean prefixes, 1 token/pass)",
-                          str(block), "gsm8k", ARITH_TEST, long))
+    cells.append(Cell("tasks", "arithmetic, aligned working · MDM (SFT pairs + clean prefixes, 1 token/pass)",
+                      str(block), "gsm8k", ARITH_TEST, long))
     semi = {**base, "block_length": 8, "fixed_length": True, "steps": 96}  # the canvas semi-AR rows train on
     for run, label in (("semiar-mdm", "the aligned MDM continued on semi-AR SFT rows, blocks <= 16"),
                        ("adapted-mdm", "adapted from the AR twin, semi-AR rows, blocks <= 16, lr 3e-4"),
@@ -145,14 +149,18 @@ def arithmetic_cells(limit: int, batch: int) -> list[Cell]:
                        ("adapted-mdm-long", "that continued 3,000 more steps, blocks <= 8, lr 1e-4"),
                        ("adapted-mdm-b8", "adapted from the AR twin, blocks <= 8, lr 1.5e-4"),
                        ("adapted-mdm-b8-lr75", "adapted from the AR twin, blocks <= 8, lr 7.5e-5")):
-        if (RUNS / "arithmetic" / run / "checkpoints").exists():
-            cells.append(Cell("tasks", f"arithmetic, aligned working · MDM {label} (blocks of 8, 1 token/pass)",
-                              str(RUNS / "arithmetic" / run), "gsm8k", ARITH_TEST, semi))
+        cells.append(Cell("tasks", f"arithmetic, aligned working · MDM {label} (blocks of 8, 1 token/pass)",
+                          str(RUNS / "arithmetic" / run), "gsm8k", ARITH_TEST, semi))
     for run in ("adapted-mdm-cont", "adapted-mdm-long"):  # the same with the committed KV cache
-        if (RUNS / "arithmetic" / run / "checkpoints").exists():
-            cells.append(Cell("tasks", f"arithmetic, aligned working · MDM `{run}`, committed KV cache (blocks of 8, "
-                                       "1 token/pass)", str(RUNS / "arithmetic" / run), "gsm8k", ARITH_TEST,
-                              {**semi, "cache": "committed"}))
+        cells.append(Cell("tasks", f"arithmetic, aligned working · MDM `{run}`, committed KV cache (blocks of 8, "
+                                   "1 token/pass)", str(RUNS / "arithmetic" / run), "gsm8k", ARITH_TEST,
+                          {**semi, "cache": "committed"}))
+    # block-causal (recipes/arithmetic-blocks.sh): every cache is exact, so the committed one is the cell
+    for run, label in (("blocks-mdm", "`illada-arithmetic` made block-causal, sft-blocks of 8, +600 steps"),
+                       ("blocks-ar", "the AR twin adapted block-causal, sft-blocks of 8, 300 steps")):
+        cells.append(Cell("tasks", f"arithmetic, aligned working · MDM {label} (blocks of 8, 1 token/pass, "
+                                   "committed KV cache)", str(RUNS / "arithmetic" / run), "gsm8k", ARITH_TEST,
+                          {**semi, "cache": "committed"}))
     return cells
 
 
@@ -179,10 +187,9 @@ def task_cells(limit: int, batch: int) -> list[Cell]:
     for kind in ("mdm", "ar"):
         cells.append(Cell("tasks", f"sudoku 6x6 · {kind.upper()}", str(RUNS / "sudoku" / kind), "exact", sudoku,
                           dict(max_new_tokens=48, block_length=48, steps=48, limit=limit, batch_size=batch)))
-    # the byte-level twins, then the twins on a BPE trained on the facts (a name one token), if trained
-    bpe = (("bpe-mdm", "MDM, BPE"), ("bpe-ar", "AR, BPE"), ("bpe-mdm-long", "MDM, BPE, 2x the steps"))
-    twins = [("mdm", "MDM"), ("ar", "AR")] + [(run, label) for run, label in bpe
-                                              if (RUNS / "reversal" / run / "checkpoints").exists()]
+    # the byte-level twins, then the twins on a BPE trained on the facts (a name one token)
+    twins = [("mdm", "MDM"), ("ar", "AR"), ("bpe-mdm", "MDM, BPE"), ("bpe-ar", "AR, BPE"),
+             ("bpe-mdm-long", "MDM, BPE, 2x the steps")]
     for probe in ("forward", "reverse", "infill"):
         for run, label in twins:
             if probe == "infill" and run.endswith("ar"):  # a causal model cannot fill a hole before its context
@@ -399,6 +406,8 @@ def main() -> int:
             continue
         if args.match is not None and args.match not in cell.command:
             continue
+        if cell.model.startswith(str(RUNS)) and not Path(cell.model).exists():
+            continue  # a run not trained here: its cached result (if any) is still shown
         began = time.perf_counter()
         try:
             results[cell.command] = run_cell(cell, models, args.batch_size)

@@ -61,6 +61,10 @@ class ModelConfig:
     # Dream's shift: the logits at position i predict token i + 1 (as an AR model's do), so AR weights adapted to
     # masked diffusion keep their output alignment; the network still scores every masked position
     shift_logits: bool = False
+    # causal attention except inside the block being denoised, whose tokens attend to each other both ways (the
+    # block-causal adaptation of Fast-dLLM v2 / SDAR): committed tokens keep the AR model's representations, so
+    # every cache is exact. The sampler passes the block (`block_causal_pattern`); nothing else can run it
+    block_causal: bool = False
     initializer_range: float = 0.02
     mask_token_id: int | None = None
     bos_token_id: int | None = None
@@ -107,6 +111,9 @@ class ModelConfig:
             raise IlladaError(f"model config: n_kv_heads {self.n_kv_heads} must divide n_heads {self.n_heads}")
         if self.shift_logits and self.causal:
             raise IlladaError("model config: shift_logits is for bidirectional (diffusion) models, not causal ones")
+        if self.block_causal and self.causal:
+            raise IlladaError("model config: block_causal already makes attention causal outside the block; "
+                              "causal must be false")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise IlladaError("model config: rope_theta and rms_norm_eps must be positive")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:

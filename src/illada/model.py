@@ -4,7 +4,8 @@ Read top to bottom: RMSNorm, rotary embedding, attention, SwiGLU MLP, block, mod
 parallelism live here (see `illada.checkpoint` for formats, `illada.sampling` for decoding).
 
 Attention masks are combined into one boolean (B, 1, Lq, Lk) mask for `scaled_dot_product_attention`:
-key padding (`attention_mask`), block-diagonal packing (`segment_ids`) and optional causality.
+key padding (`attention_mask`), block-diagonal packing (`segment_ids`), optional causality and an explicit
+`attention_pattern` over the canvas (a block-causal model's: `block_causal_pattern`).
 """
 from __future__ import annotations
 
@@ -163,6 +164,15 @@ def positions_from_masks(
     return positions
 
 
+def block_causal_pattern(length: int, start: int, end: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(1, 1, L, L) boolean: causal attention, except that positions start..end-1 (the block being denoised) also
+    see each other. Committed tokens before the block never see it, so their keys/values are final."""
+    index = torch.arange(length, device=device)
+    in_block = (index >= start) & (index < end)
+    allowed = (index[None, :] <= index[:, None]) | (in_block[:, None] & in_block[None, :])
+    return allowed[None, None]
+
+
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
     segment_ids: torch.Tensor | None,
@@ -171,13 +181,17 @@ def build_attention_mask(
     k_len: int,
     q_offset: int = 0,
     device: torch.device | str | None = None,
+    pattern: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Boolean (B, 1, Lq, Lk) mask, True where attention is allowed; None when nothing is masked."""
-    if attention_mask is None and segment_ids is None and not causal:
+    """Boolean (B, 1, Lq, Lk) mask, True where attention is allowed; None when nothing is masked. `pattern`
+    (B or 1, 1, >= q_offset + Lq, Lk) spans the canvas: its rows for these queries are applied."""
+    if attention_mask is None and segment_ids is None and not causal and pattern is None:
         return None
     q_index = torch.arange(q_offset, q_offset + q_len, device=device)
     k_index = torch.arange(k_len, device=device)
     allowed = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
+    if pattern is not None:
+        allowed = allowed & pattern[:, :, q_offset:q_offset + q_len, :k_len].to(device)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]
     if segment_ids is not None:
@@ -209,13 +223,18 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         cache_start: int | None = None,
+        attention_pattern: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, V) for token ids (B, L).
 
         attention_mask: (B, Lk) 1 for real tokens, 0 for padding keys. segment_ids: (B, L) ints; tokens attend
-        only within their segment. With `cache_start`, `input_ids` are the tokens at positions
+        only within their segment. attention_pattern: (B or 1, 1, Lk, Lk) boolean, True where a query may see a
+        key (required by a block-causal model). With `cache_start`, `input_ids` are the tokens at positions
         cache_start..cache_start+L of a canvas whose keys/values `kv_cache` holds, and the masks span the canvas.
         """
+        if self.config.block_causal and attention_pattern is None:
+            raise IlladaError(f"{self.config.name} is block-causal: it runs only under the block sampler "
+                              "(generate/chat/eval generation/serve), which tells it the block being decoded")
         b, length = input_ids.shape
         k_len = (max(len(kv_cache), cache_start + length) if (kv_cache is not None and cache_start is not None)
                  else length)
@@ -225,12 +244,12 @@ class Transformer(nn.Module):
             position_ids = full[:, q_offset:q_offset + length]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         plain_causal = (self.config.causal and attention_mask is None and segment_ids is None
-                        and q_offset == 0 and k_len == length)
+                        and attention_pattern is None and q_offset == 0 and k_len == length)
         if plain_causal:  # let SDPA pick its fused causal kernel
             mask = None
         else:
             mask = build_attention_mask(attention_mask, segment_ids, self.config.causal, length, k_len, q_offset,
-                                        input_ids.device)
+                                        input_ids.device, attention_pattern)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, plain_causal, kv_cache, cache_start)

@@ -213,6 +213,7 @@ def config_from_hf(data: Mapping[str, Any], has_lm_head: bool | None = None) -> 
         tie_word_embeddings=tied,
         causal=bool(_flag(data, "causal", False)),
         shift_logits=bool(_flag(data, "shift_logits", False)),
+        block_causal=bool(_flag(data, "block_causal", False)),
         mask_token_id=_token_id(data, "mask_token_id"),
         bos_token_id=_token_id(data, "bos_token_id"),
         eos_token_id=_token_id(data, "eos_token_id"),
@@ -335,6 +336,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
         "causal": config.causal,
         # illada's own field: true for a Dream-style model whose logits at i predict token i + 1.
         "shift_logits": config.shift_logits,
+        # illada's own field: true for a block-causal model (causal outside the block being denoised).
+        "block_causal": config.block_causal,
         "mask_token_id": config.mask_token_id,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,

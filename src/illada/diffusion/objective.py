@@ -14,6 +14,8 @@ Its expectation is an upper bound on the NLL per token (an ELBO), so exp(loss) b
   (`clean_prefix_prob`) a row also keeps a random response prefix clean, as block diffusion (BD3-LM) trains, and
   (`clean_prefix_block`) only a block after that prefix is noised, the rest of the response wholly masked: the
   canvas of semi-autoregressive decoding, with the loss on the block.
+- `sft_blocks_loss`: SFT of a block-causal model (Fast-dLLM v2, SDAR): the response cut into blocks, each
+  block noised at its own rate and denoised seeing the clean tokens before it, all blocks in one forward.
 - `ar_loss`: the autoregressive baseline (`--objective ar`, the same backbone built with `causal=True`).
 
 Every loss returns `(loss, stats)`; stats are detached tensors (no host sync), the trainer converts them.
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from illada.diffusion.noise import forward_mask
+from illada.diffusion.noise import forward_mask, mask_probability, sample_t
 from illada.errors import IlladaError
 
 Stats = dict[str, torch.Tensor]
@@ -129,6 +131,64 @@ def sft_pairs_loss(
     loss = diffusion_loss(logits, input_ids, masked, p_mask, normaliser=answer_lengths * b)
     stats = _mask_stats(masked, p_mask, eps)
     stats["answer_tokens"] = maskable.sum().detach()
+    return loss, stats
+
+
+def sft_blocks_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    mask_id: int,
+    block_length: int,
+    *,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Stats]:
+    """SFT of a block-causal model on rows `prompt + response + EOS padding` (B, L) with `prompt_lengths` (B,).
+
+    The response is cut into blocks of `block_length` from its start (where the sampler's blocks start); block k
+    of a row is masked at its own rate p = (1 - eps) t + eps (`t` (B, n_blocks) overrides the draw). The model sees
+    the noisy row and the clean row side by side (2L tokens, both with positions 0..L-1): a noisy block attends to
+    itself both ways and to the clean tokens before it, clean tokens attend causally, exactly the attention of
+    `block_causal_pattern` when that block is decoded, so every block of every row is trained in one forward.
+    With the model's shift (logits at i predict token i + 1) a block's first token is predicted from the clean
+    token before it, as the sampler does. Loss: CE / p over masked response tokens, each row divided by its
+    response length (padding included), rows averaged, as `sft_pairs_loss`.
+    """
+    b, length = input_ids.shape
+    device = input_ids.device
+    prompt = prompt_lengths.to(device)[:, None]
+    pos = torch.arange(length, device=device)[None, :]
+    response = pos >= prompt
+    offset = (pos - prompt).clamp(min=0)
+    block_id = torch.where(response, offset // block_length, torch.full_like(offset, -1))  # (B, L)
+    n_blocks = (length - int(prompt.min()) + block_length - 1) // block_length
+    if t is None:
+        t = sample_t(b * n_blocks, generator=generator, device=device).view(b, n_blocks)
+    p_token = mask_probability(t.to(device=device, dtype=torch.float32), eps).gather(1, block_id.clamp(min=0))
+    masked = (torch.rand(b, length, generator=generator, device=device) < p_token) & response
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+
+    # noisy queries: their own block, and clean keys before the block (prompt queries: clean keys up to themselves)
+    block_start = torch.where(response, prompt + block_id * block_length, pos + 1)
+    same_block = response[:, :, None] & (block_id[:, :, None] == block_id[:, None, :])
+    sees_clean = pos[:, None, :] < block_start[:, :, None]
+    causal = (pos[0][None, :] <= pos[0][:, None]).expand(b, length, length)
+    pattern = torch.cat([torch.cat([same_block, sees_clean], dim=2),
+                         torch.cat([torch.zeros_like(causal), causal], dim=2)], dim=1)[:, None]
+    logits = model(torch.cat([noisy, input_ids], dim=1), position_ids=pos.repeat(1, 2).expand(b, 2 * length),
+                   attention_pattern=pattern)
+    index = pos.expand(b, length)
+    if getattr(getattr(model, "config", None), "shift_logits", False):
+        first = response & (offset % block_length == 0)  # predicted by the clean token before the block
+        index = torch.where(first, index + length, index)
+    rows, cols = masked.nonzero(as_tuple=True)
+    ce = F.cross_entropy(logits[rows, index[rows, cols]].float(), input_ids[rows, cols], reduction="none")
+    answer_lengths = response.sum(dim=1).clamp(min=1).float()
+    loss = (ce / p_token[rows, cols] / answer_lengths[rows]).sum() / b
+    stats = {"masked_tokens": masked.sum().detach(), "mask_rate": masked.float().mean().detach(),
+             "t_mean": t.mean().detach(), "answer_tokens": response.sum().detach()}
     return loss, stats
 
 
@@ -295,6 +355,26 @@ class SFTPairsObjective:
         if clean_prefix is not None:
             stats["clean_prefix_tokens"] = clean_prefix.sum().detach()
         return loss, stats
+
+
+@dataclass(frozen=True)
+class BlockCausalSFTObjective:
+    """SFT of a block-causal model (`sft_blocks_loss`); the batch must hold `prompt_lengths`."""
+
+    mask_id: int
+    block_length: int = 8
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check_probability("eps", self.eps, low_open=True)
+        if self.block_length < 1:
+            raise IlladaError(f"sft-blocks: block_length must be >= 1, got {self.block_length}")
+
+    def __call__(self, model, batch, generator=None):
+        if "prompt_lengths" not in batch:
+            raise IlladaError("objective sft-blocks needs prompt_lengths in the batch (a 'pairs' dataset)")
+        return sft_blocks_loss(model, batch["input_ids"], batch["prompt_lengths"], self.mask_id, self.block_length,
+                               eps=self.eps, generator=generator)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@
   pass costs about two blocks of tokens instead of the whole canvas at every block's start.
 
 Only the current block's logits are returned: that is all a step needs.
+
+A block-causal model (config `block_causal`) gets the pattern of the current block with every forward. Its
+committed tokens never see later positions, so their keys/values are final once computed causally: every policy
+gives the tokens of no cache exactly, and "committed" is the cheapest.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from illada.model import KVCache
+from illada.model import KVCache, block_causal_pattern
 
 from illada.sampling.config import CACHES as CACHE_POLICIES
 
@@ -41,31 +45,36 @@ class BlockForward:
 
     def __call__(self, canvas: torch.Tensor, attention_mask: torch.Tensor | None, block_start: int, block_end: int,
                  step_in_block: int) -> torch.Tensor:
+        config = getattr(self.model, "config", None)
+        extra = ({"attention_pattern": block_causal_pattern(canvas.shape[1], block_start, block_end, canvas.device)}
+                 if getattr(config, "block_causal", False) else {})
         if self.policy == "none":
-            return self.model(canvas, attention_mask=attention_mask)[:, block_start:block_end]
-        shift = 1 if getattr(getattr(self.model, "config", None), "shift_logits", False) else 0
+            return self.model(canvas, attention_mask=attention_mask, **extra)[:, block_start:block_end]
+        shift = 1 if getattr(config, "shift_logits", False) else 0
         if self.policy == "committed":
-            return self._committed(canvas, attention_mask, block_start, block_end, shift)
+            return self._committed(canvas, attention_mask, block_start, block_end, shift, extra)
         refresh = (self.cache is None or step_in_block == 0
                    or (self.refresh_every is not None and step_in_block % self.refresh_every == 0))
         if refresh:
             self.cache = KVCache()
-            return self.model(canvas, attention_mask=attention_mask, kv_cache=self.cache)[:, block_start:block_end]
+            return self.model(canvas, attention_mask=attention_mask, kv_cache=self.cache,
+                              **extra)[:, block_start:block_end]
         end = canvas.shape[1] if self.policy == "prefix" else block_end
         # a shifted model predicts a block's first token at the position before it: recompute that one too
         start = block_start - shift
         logits = self.model(canvas[:, start:end], attention_mask=attention_mask, kv_cache=self.cache,
-                            cache_start=start)
+                            cache_start=start, **extra)
         return logits[:, block_start - start:block_end - start]
 
     def _committed(self, canvas: torch.Tensor, attention_mask: torch.Tensor | None, block_start: int, block_end: int,
-                   shift: int) -> torch.Tensor:
+                   shift: int, extra: dict) -> torch.Tensor:
         if self.cache is None:
             self.cache, self.frozen = KVCache(), block_start
-            return self.model(canvas, attention_mask=attention_mask, kv_cache=self.cache)[:, block_start:block_end]
+            return self.model(canvas, attention_mask=attention_mask, kv_cache=self.cache,
+                              **extra)[:, block_start:block_end]
         start = min(self.frozen, block_start - shift)
         self.cache.write_before = block_start if self.frozen < block_start else 0
         logits = self.model(canvas[:, start:block_end], attention_mask=attention_mask, kv_cache=self.cache,
-                            cache_start=start)
+                            cache_start=start, **extra)
         self.frozen = block_start  # blocks only move forward
         return logits[:, block_start - start:block_end - start]

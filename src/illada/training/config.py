@@ -13,7 +13,7 @@ from illada.files import loads_strict
 from illada.lora import TARGETS as LORA_TARGETS, check_settings as check_lora
 from illada.qlora import check_settings as check_qlora
 
-OBJECTIVES = ("diffusion", "ar", "sft-pairs")
+OBJECTIVES = ("diffusion", "ar", "sft-pairs", "sft-blocks")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 
 
@@ -25,7 +25,7 @@ class TrainConfig:
     out_dir: str = "runs/illada"  # run directory: checkpoints/, metrics.jsonl, loss.png
     val_data: str | None = None         # separate validation dataset; else `val_rows` rows held out from `data`
     val_rows: int = 16  # rows of seq_len tokens held out from the end of `data` for validation
-    objective: str = "diffusion"        # diffusion (LLaDA/iLLaDA pre-training + variable-length SFT) | ar | sft-pairs
+    objective: str = "diffusion"        # diffusion (LLaDA/iLLaDA pre-training + variable-length SFT) | ar | sft-pairs | sft-blocks (a block-causal model)
     # model: a preset (with overrides) for a fresh model, or a checkpoint directory to start from (SFT)
     preset: str = "small"  # model shape for a fresh model: tiny | small | illada-8b | llada-8b
     model_overrides: dict[str, Any] = field(default_factory=dict)  # JSON object of ModelConfig fields, e.g. {"n_layers": 4}
@@ -58,6 +58,7 @@ class TrainConfig:
     truncate_prob: float = 0.0          # LLaDA: 0.01 of batches cut to a random length
     clean_prefix_prob: float = 0.0      # sft-pairs: rows that keep a random response prefix clean (block-diffusion SFT)
     clean_prefix_block: int = 0  # sft-pairs with clean_prefix_prob: those rows noise only U{1..this} tokens after the prefix and mask the rest outright, the loss on that block (semi-autoregressive SFT); 0: the rest noised
+    block_length: int = 8  # sft-blocks: tokens per block, counted from the response start (decode with the same --block-length)
     seed: int = 1234  # seeds the weights, data order and masking noise
     dtype: str = "auto"                 # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     compile: bool = False  # torch.compile each Transformer block
@@ -113,6 +114,8 @@ class TrainConfig:
             raise IlladaError("train: clean_prefix_prob applies to --objective sft-pairs only")
         if self.clean_prefix_block < 0 or (self.clean_prefix_block and not self.clean_prefix_prob):
             raise IlladaError("train: clean_prefix_block must be >= 0 and needs clean_prefix_prob > 0")
+        if self.block_length <= 0:
+            raise IlladaError(f"train: block_length must be positive, got {self.block_length}")
         if self.adapt_causal and (not self.init_from or self.objective == "ar"):
             raise IlladaError("train: adapt_causal needs --init-from and a diffusion objective")
         if not 0.0 < self.mask_eps < 1.0:

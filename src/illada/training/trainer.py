@@ -73,6 +73,9 @@ def make_objective(cfg: TrainConfig, model_config: ModelConfig):
         return obj.AutoregressiveObjective(split_prob=cfg.split_prob)
     if model_config.mask_token_id is None:
         raise IlladaError("the model has no mask_token_id (set it in the tokenizer or model_overrides)")
+    if cfg.objective == "sft-blocks":
+        return obj.BlockCausalSFTObjective(mask_id=model_config.mask_token_id, block_length=cfg.block_length,
+                                           eps=cfg.mask_eps)
     if cfg.objective == "sft-pairs":
         return obj.SFTPairsObjective(mask_id=model_config.mask_token_id, eps=cfg.mask_eps,
                                      clean_prefix_prob=cfg.clean_prefix_prob,
@@ -110,9 +113,9 @@ class Trainer:
         def rows_of(data, path: str, holdout: int) -> PackedRows | PairRows:
             if cfg.objective == "ar" and not isinstance(data, PackedTokens):
                 return PairRows(data, cfg.seq_len, holdout)  # AR SFT: the twin of an sft-pairs run
-            if cfg.objective == "sft-pairs":
+            if cfg.objective in ("sft-pairs", "sft-blocks"):
                 if isinstance(data, PackedTokens):
-                    raise IlladaError("objective sft-pairs needs a 'pairs' dataset "
+                    raise IlladaError(f"objective {cfg.objective} needs a 'pairs' dataset "
                                       "(illada prepare --kind sft --sft-format pairs)")
                 return PairRows(data, cfg.seq_len, holdout)
             if not isinstance(data, PackedTokens):
@@ -168,6 +171,8 @@ class Trainer:
             if model_config.causal != causal:
                 raise IlladaError(f"{cfg.init_from} is {'causal' if model_config.causal else 'bidirectional'}; "
                                   f"objective {cfg.objective} needs the other kind")
+            if model_config.block_causal and cfg.objective != "sft-blocks":
+                raise IlladaError(f"{cfg.init_from} is block-causal: it trains with --objective sft-blocks only")
         else:
             overrides = dict(cfg.model_overrides)
             overrides.setdefault("vocab_size", self.tokenizer.vocab_size)
@@ -176,6 +181,10 @@ class Trainer:
                 overrides.setdefault(key, getattr(self.tokenizer, key))
             model_config = preset(cfg.preset, causal=causal, name=f"{cfg.preset}-{cfg.objective}", **overrides)
             model = build_model(model_config, device="cpu", seed=cfg.seed)
+        if cfg.objective == "sft-blocks" and not model_config.block_causal:
+            # the attention the objective trains is the attention the sampler will use: say so in config.json
+            model_config = model_config.replace(block_causal=True, name=f"{model_config.name}-block-causal")
+            model.config = model_config
         if model_config.vocab_size < self.vocab_size:
             raise IlladaError(f"dataset vocabulary ({self.vocab_size}) is larger than the model's ({model_config.vocab_size})")
         if cfg.seq_len > model_config.max_seq_len:
