@@ -6,7 +6,8 @@ run, each row with the `illada eval` command that reproduces it.
 
 Sections: `tasks` (MDM vs AR accuracy per task), `parallel` (the `--grid-task` MDM, sudoku by default, arithmetic
 selectable: every decoding mode x cache, accuracy and tokens per forward, with its AR twin on the same samples in
-the same run for tokens/s), `speed` (the parallel cells again: tokens/s only compare when measured together),
+the same run for tokens/s), `latency` (the block-causal arithmetic MDM vs its AR twin at batch 1), `speed` (the
+parallel and latency cells again: tokens/s only compare when measured together),
 `scoring` (confidence vs Monte Carlo likelihood on the multiple-choice form of arithmetic), `likelihood`
 (Shakespeare validation ELBO vs the AR twin's NLL, where both exist). Each cell's result is cached in
 OUT/results.json under its command, so an interrupted run resumes and `--only` reruns one section; the markdown
@@ -74,7 +75,7 @@ def run_cell(cell: Cell, models: dict, batch_size: int) -> dict:
     lm = models[cell.model]
     flags = dict(cell.flags)
     limit = flags.pop("limit", None)
-    flags.pop("batch_size", None)
+    batch_size = flags.pop("batch_size", batch_size)
     if flags.pop("fixed_length", False):
         flags["variable_length"] = False
     preset = get_preset(cell.task).replace(**{k: v for k, v in flags.items() if k in PRESET_FLAGS})
@@ -181,6 +182,22 @@ def grid_cells(task: str, limit: int, batch: int) -> list[Cell]:
     return cells
 
 
+def latency_cells(limit: int) -> list[Cell]:
+    """Batch 1 (one user, the regime of Fast-dLLM's throughput numbers): the block-causal MDM's modes with the
+    committed cache vs its AR twin, same samples, same run. At batch 16 this CPU is compute-bound and the AR
+    decoder, one token per row per forward, does the least arithmetic; at batch 1 the number of forwards counts."""
+    grid = GRIDS["arithmetic-blocks"]
+    base = {**grid.flags, "limit": limit, "batch_size": 1}
+    cells = [Cell("latency", "AR twin (greedy, KV cache)", str(grid.ar), grid.task, grid.data,
+                  {k: v for k, v in base.items() if k != "fixed_length"}, "arithmetic-blocks")]
+    modes = [("fixed canvas 96, blocks of 8, 1 token/pass", {})]
+    modes += [(f"threshold {t}", dict(threshold=t)) for t in (0.95, 0.9, 0.7)]
+    for name, extra in modes:
+        cells.append(Cell("latency", f"{name} · cache committed", str(grid.mdm), grid.task, grid.data,
+                          {**base, **extra, "cache": "committed"}, "arithmetic-blocks"))
+    return cells
+
+
 def task_cells(limit: int, batch: int) -> list[Cell]:
     cells = []
     sudoku = RUNS / "sudoku" / "test.jsonl"
@@ -269,6 +286,10 @@ TABLES = {
                  ["mode · cache", "accuracy %", "tokens/pass", "tokens/s", "passes/sample"],
                  lambda r: [pct(r["score"]), f"{r.get('tokens_per_forward', 0):.2f}",
                             f"{r.get('tokens_per_second', 0):.1f}", f"{r['sequence_passes_per_sample']:.1f}"]),
+    "latency": ("Batch 1: the {grid} MDM with the committed cache, and its AR twin on the same samples",
+                ["mode · cache", "accuracy %", "tokens/pass", "tokens/s", "passes/sample"],
+                lambda r: [pct(r["score"]), f"{r.get('tokens_per_forward', 0):.2f}",
+                           f"{r.get('tokens_per_second', 0):.1f}", f"{r['sequence_passes_per_sample']:.1f}"]),
     "scoring": ("Scoring the multiple-choice form of arithmetic", ["method", "accuracy %", "passes/sample", "seconds"],
                 lambda r: [pct(r["score"]), f"{r['sequence_passes_per_sample']:.1f}", f"{r['seconds']:.1f}"]),
 }
@@ -289,14 +310,15 @@ def markdown(cells: list[Cell], results: dict) -> str:
             out.append("")
             if section == "parallel":
                 out += [parallel_summary(done, results), speed_summary(done, results)]
+            if section == "latency":
+                out.append(speed_summary(done, results))
     return "\n".join(out)
 
 
 def speed_summary(cells: list[Cell], results: dict) -> str:
     """Best MDM mode (highest tokens/s within 1 point of the AR twin's accuracy, else the most accurate) vs AR."""
-    ar = next((c for c in cells if c.section == "parallel" and c.label.startswith("AR twin") and c.command in results),
-              None)
-    modes = [c for c in cells if c.section == "parallel" and c.command in results and c is not ar]
+    ar = next((c for c in cells if c.label.startswith("AR twin") and c.command in results), None)
+    modes = [c for c in cells if c.command in results and c is not ar]
     if ar is None or not modes:
         return ""
     a = results[ar.command]
@@ -372,13 +394,14 @@ def plots(cells: list[Cell], results: dict, out: Path, task: str) -> list[Path]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/proof"))
-    p.add_argument("--only", choices=["tasks", "parallel", "speed", "scoring", "likelihood"], action="append",
+    p.add_argument("--only", choices=["tasks", "parallel", "speed", "latency", "scoring", "likelihood"], action="append",
                    default=None)
     p.add_argument("--limit", type=int, default=200, help="held-out samples per cell of the task table")
     p.add_argument("--grid-limit", type=int, default=100, help="held-out samples per parallel-decoding cell")
     p.add_argument("--grid-task", choices=list(GRIDS), action="append", default=None,
                    help="task whose MDM a decoding grid measures (repeatable; default: sudoku)")
     p.add_argument("--choice-limit", type=int, default=100, help="samples per scoring cell")
+    p.add_argument("--latency-limit", type=int, default=50, help="held-out samples per batch-1 cell")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--fresh", action="store_true", help="recompute the selected cells instead of using the cache")
     p.add_argument("--match", default=None, metavar="TEXT", help="only the cells whose command contains TEXT")
@@ -391,17 +414,17 @@ def main() -> int:
     grids = args.grid_task or ["sudoku"]
     cells = arithmetic_cells(args.limit, args.batch_size) + task_cells(args.limit, args.batch_size) + \
         [c for task in grids for c in grid_cells(task, args.grid_limit, args.batch_size)] + \
-        scoring_cells(args.choice_limit, args.batch_size)
+        latency_cells(args.latency_limit) + scoring_cells(args.choice_limit, args.batch_size)
     cache_path = args.out / "results.json"
     results = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    sections = set(args.only or ["tasks", "parallel", "scoring", "likelihood"])
+    sections = set(args.only or ["tasks", "parallel", "latency", "scoring", "likelihood"])
     if "likelihood" in sections:
         likelihood(results, args.fresh)
         write_json_atomic(cache_path, results)
     models: dict = {}
     for cell in cells:
         # speed: tokens/s only compare when measured together, so the arithmetic twins and every decoding mode
-        speed = "speed" in sections and cell.section == "parallel"
+        speed = "speed" in sections and cell.section in ("parallel", "latency")
         if not (cell.section in sections or speed) or (cell.command in results and not args.fresh):
             continue
         if args.match is not None and args.match not in cell.command:

@@ -13,12 +13,15 @@ from illada.checkpoint.io import load_checkpoint, save_checkpoint
 from illada.config import preset
 from illada.diffusion.objective import sft_blocks_loss
 from illada.errors import IlladaError
-from illada.model import block_causal_pattern
+from illada.model import block_causal_pattern, build_model
+from illada.rl.trainer import train_rl
 from illada.sampling import generate, left_pad
 from illada.sampling.autoregressive import greedy_generate_ar
 from illada.sampling.infill import infill
 from illada.scoring.likelihood import mc_loglikelihood
+from illada.tokenizer import byte_level_tokenizer
 from illada.training.checkpointing import latest_checkpoint
+from test_rl import rl_config
 from test_sampling import sharp_model as random_model  # pytest puts tests/ on sys.path
 
 MASK = 3  # the tiny preset's mask_token_id
@@ -134,12 +137,14 @@ def test_blocks_of_one_token_are_the_ar_model_exactly():
         assert torch.equal(got[:, ids.shape[1]:], want[:, ids.shape[1]:]), cache
 
 
-def test_block_causal_survives_a_checkpoint_round_trip(tmp_path):
+def test_block_causal_survives_a_checkpoint_round_trip(tmp_path, capsys):
     model = sharp_model(5, n_layers=1)
     save_checkpoint(model, model.config, tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["block_causal"] is True
     loaded, config = load_checkpoint(tmp_path / "ckpt")
     assert config.block_causal and loaded.config.block_causal
+    assert main(["info", "--model", str(tmp_path / "ckpt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["attention"] == "block-causal"
     with pytest.raises(IlladaError, match="causal must be false"):
         preset("tiny", causal=True, block_causal=True)
 
@@ -182,3 +187,15 @@ def test_ar_twin_adapted_to_block_causal_learns_and_answers(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--out-dir", str(tmp_path / "x"), "--objective", "sft-pairs",
                  "--init-from", str(out), "--steps", "1", *TINY]) == 2
     assert "sft-blocks only" in capsys.readouterr().err
+
+
+def test_rl_refuses_a_block_causal_model_before_writing_anything(tmp_path):
+    tok = byte_level_tokenizer()
+    config = preset("tiny", vocab_size=tok.vocab_size, max_seq_len=64, mask_token_id=tok.mask_token_id,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, hidden_size=32,
+                    intermediate_size=64, n_layers=1, n_heads=2, n_kv_heads=2, shift_logits=True, block_causal=True)
+    save_checkpoint(build_model(config, seed=0), config, tmp_path / "init", tokenizer=tok)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "Say a:", "answer": "aaaa"}) + "\n")
+    with pytest.raises(IlladaError, match="block-causal"):
+        train_rl(rl_config(tmp_path))
+    assert not (tmp_path / "rl").exists()

@@ -113,7 +113,7 @@ def describe(model: str | None = None, preset_name: str | None = None) -> dict:
         "layers": config.n_layers, "hidden": config.hidden_size, "heads": config.n_heads,
         "kv_heads": config.n_kv_heads, "head_dim": config.head_dim, "ffn": config.intermediate_size,
         "vocab": config.vocab_size, "context": config.max_seq_len, "rope_theta": config.rope_theta,
-        "tied_embeddings": config.tie_word_embeddings, "attention": "causal" if config.causal else "bidirectional",
+        "tied_embeddings": config.tie_word_embeddings, "attention": attention_kind(config),
         "params_total": config.num_parameters(), "params_non_embedding": config.num_parameters(non_embedding=True),
         "dtype": dtype, "mask_token_id": config.mask_token_id, "special_tokens": special,
         "generation_defaults": generation,
@@ -204,3 +204,10 @@ def run_plan(args: argparse.Namespace) -> int:
     Console().print(table)
     print(_fits_line(plan, gpu))
     return 0
+
+
+def attention_kind(config) -> str:
+    """causal (the AR twin), block-causal (causal except inside the block being denoised) or bidirectional."""
+    if config.causal:
+        return "causal"
+    return "block-causal" if config.block_causal else "bidirectional"

@@ -95,6 +95,9 @@ class RLTrainer:
                               dtype=compute if cfg.quantize else None)
         if self.lm.config.causal:
             raise IlladaError("rl: the model is causal (autoregressive); illada rl trains masked diffusion models")
+        if self.lm.config.block_causal:
+            raise IlladaError("rl: the model is block-causal; the RL estimators score bidirectional masked diffusion "
+                              "models (train it with --objective sft-blocks)")
         self.model = self.lm.model
         self.peft = None  # with lora_r: the PeftModel around self.model (adapters injected in place), its base frozen
         self.reference = None  # without LoRA: a frozen copy of the start checkpoint, the KL reference
