@@ -199,3 +199,21 @@ def test_rl_refuses_a_block_causal_model_before_writing_anything(tmp_path):
     with pytest.raises(IlladaError, match="block-causal"):
         train_rl(rl_config(tmp_path))
     assert not (tmp_path / "rl").exists()
+
+
+def test_the_server_answers_as_the_library_does():
+    """The server's batcher runs rows block by block; for a block-causal model a row resumed at a block boundary
+    recomputes only causal prefixes, so every cache gives the library's answer."""
+    from test_serve import KEY, client, tiny_handle
+
+    from illada.serving import ServerSettings, create_app, serve_in_thread
+
+    lm = tiny_handle(seed=3)
+    lm.model.config = lm.config = lm.config.replace(shift_logits=True, block_causal=True)
+    with serve_in_thread(create_app(lm, ServerSettings(api_key=KEY, max_batch=4, timeout=60))) as url:
+        for cache in ("none", "dual", "committed"):
+            knobs = {"block_length": 4, "cache": cache, "forbid_eos": True, "threshold": 0.2}
+            r = client(url).completions.create(model="tiny-serve", prompt="ROMEO:", max_tokens=12, temperature=0,
+                                               extra_body=knobs)
+            want = lm.generate("ROMEO:", max_new_tokens=12, temperature=0.0, **knobs)
+            assert r.choices[0].text == want, cache
