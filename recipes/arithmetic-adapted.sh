@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Semi-autoregressive arithmetic MDMs on the aligned working, from models of recipes/arithmetic-aligned.sh, and the
-# bundled `illada-arithmetic` (exported from adapted-mdm-cont):
+# Semi-autoregressive arithmetic MDMs on the aligned working, from models of recipes/arithmetic-aligned.sh (the
+# bundled `illada-arithmetic` is made block-causal from adapted-mdm-cont by recipes/arithmetic-blocks.sh):
 #   adapted-mdm:         the AR twin's weights, attention opened both ways with Dream's shift (adapt_causal), then
 #                        semi-AR SFT pairs (blocks <= 16, lr 3e-4, 1,500 steps);
-#   adapted-mdm-cont:    adapted-mdm continued (blocks <= 8, lr 1e-4, 1,200 steps): the bundled model;
+#   adapted-mdm-cont:    adapted-mdm continued (blocks <= 8, lr 1e-4, 1,200 steps): bundled until block-causal;
 #   adapted-mdm-b8(-lr75): the AR twin adapted directly with blocks <= 8 at lr 1.5e-4 (7.5e-5), 1,200 steps;
 #   semiar-mdm:          the control, the aligned MDM trained from scratch continued with the same semi-AR rows.
 # Evaluated on LLaDA's fixed canvas decoded in blocks of 8 (the canvas they were trained on); the proof table
@@ -13,7 +13,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ILLADA=${ILLADA:-.venv/bin/illada}
 RUN=runs/arithmetic
-EXPORT=src/illada/assets/models/illada-arithmetic
 export OMP_NUM_THREADS=${THREADS:-1}
 [ -d $RUN/aligned-ar/checkpoints ] && [ -d $RUN/aligned-mdm/checkpoints ] || bash recipes/arithmetic-aligned.sh
 $ILLADA train recipes/arithmetic-adapted-mdm.yaml --no-progress &
@@ -27,13 +26,7 @@ for model in adapted-mdm adapted-mdm-cont adapted-mdm-b8 adapted-mdm-b8-lr75 sem
   $ILLADA eval --model $RUN/$model --task gsm8k --data $RUN/test.jsonl --num-fewshot 0 --max-new-tokens 96 \
     --fixed-length --block-length 8 --steps 96 --limit 200 --batch-size 16 --no-progress --out $RUN/$model/eval
 done
-MDM=$RUN/adapted-mdm-cont
-$ILLADA convert "$MDM/checkpoints/$(cat $MDM/checkpoints/latest)" $EXPORT --dtype bf16 --force
-cp $MDM/{metrics.jsonl,train_config.json,loss.png} $EXPORT/
-# the card quotes the proof table: run `python benchmarks/proof.py --out docs/proof --grid-task arithmetic-adapted` first
-.venv/bin/python recipes/arithmetic_card.py --stages $RUN/aligned-ar $RUN/adapted-mdm $MDM --model $EXPORT \
-  --results docs/proof/results.json
-# RL from the bundled model's run (measured: no gain in 60 steps; README, RL section)
+# RL from adapted-mdm-cont (measured: no gain in 60 steps; README, RL section)
 [ -f $RUN/rl-train.jsonl ] || $ILLADA tasks make arithmetic --split train --format eval --n 4000 --seed 11 \
   --out $RUN/rl-train.jsonl
 $ILLADA rl recipes/arithmetic-rl.yaml --no-progress

@@ -503,7 +503,9 @@ def test_cache_write_before_stores_exactly_the_positions_before_it():
         model(changed[:, 4:8], kv_cache=cache, cache_start=4)
         model(changed, kv_cache=fresh)  # one layer: these are the keys of the changed tokens
     keys = cache.keys[0]
-    assert torch.equal(keys[:, :, 4:6], fresh.keys[0][:, :, 4:6])  # written back
+    # written back: the keys of the changed tokens (computed from a shorter input, so equal up to float rounding;
+    # the kept positions are copies, bit for bit)
+    assert torch.allclose(keys[:, :, 4:6], fresh.keys[0][:, :, 4:6], rtol=0, atol=1e-5)
     assert torch.equal(keys[:, :, :4], before[:, :, :4]) and torch.equal(keys[:, :, 6:], before[:, :, 6:])
     # a canvas that grew past the cache: the new positions are appended
     grown = torch.cat([changed, ids[:, :3]], dim=1)
@@ -511,7 +513,8 @@ def test_cache_write_before_stores_exactly_the_positions_before_it():
     with torch.no_grad():
         model(grown[:, 8:], kv_cache=cache, cache_start=8)
         model(grown, kv_cache=fresh)
-    assert cache.keys[0].shape[2] == 13 and torch.equal(cache.keys[0][:, :, 8:], fresh.keys[0][:, :, 8:])
+    assert cache.keys[0].shape[2] == 13
+    assert torch.allclose(cache.keys[0][:, :, 8:], fresh.keys[0][:, :, 8:], rtol=0, atol=1e-5)
 
 
 def test_committed_cache_refuses_a_refresh_and_infill():
