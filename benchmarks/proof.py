@@ -279,18 +279,23 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+# the decoding tables' columns and the row of a result (the parallel grid and the batch-1 cells)
+DECODING_COLUMNS = ["mode · cache", "accuracy %", "tokens/pass", "tokens/s", "passes/sample"]
+
+
+def decoding_row(r: dict) -> list:
+    return [pct(r["score"]), f"{r.get('tokens_per_forward', 0):.2f}", f"{r.get('tokens_per_second', 0):.1f}",
+            f"{r['sequence_passes_per_sample']:.1f}"]
+
+
 # section -> (title, columns, the row of a result); every row ends with the command that reproduces it
 TABLES = {
     "tasks": ("Accuracy: masked diffusion vs the autoregressive twin", ["task · model", "accuracy %", "n", "tokens/pass"],
               lambda r: [f"{pct(r['score'])} ± {pct(r['stderr'])}", r["n"], f"{r.get('tokens_per_forward', 0):.2f}"]),
     "parallel": ("Accuracy under parallel decoding: the {grid} MDM, and its AR twin on the same samples",
-                 ["mode · cache", "accuracy %", "tokens/pass", "tokens/s", "passes/sample"],
-                 lambda r: [pct(r["score"]), f"{r.get('tokens_per_forward', 0):.2f}",
-                            f"{r.get('tokens_per_second', 0):.1f}", f"{r['sequence_passes_per_sample']:.1f}"]),
+                 DECODING_COLUMNS, decoding_row),
     "latency": ("Batch 1: the {grid} MDM with the committed cache, and its AR twin on the same samples",
-                ["mode · cache", "accuracy %", "tokens/pass", "tokens/s", "passes/sample"],
-                lambda r: [pct(r["score"]), f"{r.get('tokens_per_forward', 0):.2f}",
-                           f"{r.get('tokens_per_second', 0):.1f}", f"{r['sequence_passes_per_sample']:.1f}"]),
+                DECODING_COLUMNS, decoding_row),
     "scoring": ("Scoring the multiple-choice form of arithmetic", ["method", "accuracy %", "passes/sample", "seconds"],
                 lambda r: [pct(r["score"]), f"{r['sequence_passes_per_sample']:.1f}", f"{r['seconds']:.1f}"]),
 }

@@ -45,7 +45,8 @@ def diffusion_loss(
     *,
     normaliser: float | torch.Tensor,
 ) -> torch.Tensor:
-    """Sum over masked positions of CE(logits, target) / p of the row, divided by `normaliser`.
+    """Sum over masked positions of CE(logits, target) / p, divided by `normaliser`. `p_mask`: (B,) one rate per
+    row, or (B, L) one per token (block-causal SFT masks each block at its own rate).
 
     `normaliser`: a number (or 0-dim tensor) dividing the total, or a (B,) tensor dividing each row's sum before
     the rows are added. Cross-entropy is computed in float32 on the masked positions only: gathering them first
@@ -53,7 +54,7 @@ def diffusion_loss(
     """
     rows, cols = masked.nonzero(as_tuple=True)
     ce = F.cross_entropy(logits[rows, cols].float(), targets[rows, cols], reduction="none")
-    weight = 1.0 / p_mask.float()[rows]
+    weight = 1.0 / (p_mask.float()[rows] if p_mask.ndim == 1 else p_mask.float()[rows, cols])
     if torch.is_tensor(normaliser) and normaliser.ndim == 1:
         return (ce * weight / normaliser.float()[rows]).sum()
     return (ce * weight).sum() / normaliser
@@ -166,7 +167,8 @@ def sft_blocks_loss(
     n_blocks = (length - int(prompt.min()) + block_length - 1) // block_length
     if t is None:
         t = sample_t(b * n_blocks, generator=generator, device=device).view(b, n_blocks)
-    p_token = mask_probability(t.to(device=device, dtype=torch.float32), eps).gather(1, block_id.clamp(min=0))
+    p_block = mask_probability(t.to(device=device, dtype=torch.float32), eps)
+    p_token = p_block.gather(1, block_id.clamp(min=0))
     masked = (torch.rand(b, length, generator=generator, device=device) < p_token) & response
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
 
@@ -179,16 +181,14 @@ def sft_blocks_loss(
                          torch.cat([torch.zeros_like(causal), causal], dim=2)], dim=1)[:, None]
     logits = model(torch.cat([noisy, input_ids], dim=1), position_ids=pos.repeat(1, 2).expand(b, 2 * length),
                    attention_pattern=pattern)
-    index = pos.expand(b, length)
+    aligned = logits[:, :length]  # the noisy row's logits predict its tokens
     if getattr(getattr(model, "config", None), "shift_logits", False):
         first = response & (offset % block_length == 0)  # predicted by the clean token before the block
-        index = torch.where(first, index + length, index)
-    rows, cols = masked.nonzero(as_tuple=True)
-    ce = F.cross_entropy(logits[rows, index[rows, cols]].float(), input_ids[rows, cols], reduction="none")
+        aligned = torch.where(first[:, :, None], logits[:, length:], aligned)
     answer_lengths = response.sum(dim=1).clamp(min=1).float()
-    loss = (ce / p_token[rows, cols] / answer_lengths[rows]).sum() / b
-    stats = {"masked_tokens": masked.sum().detach(), "mask_rate": masked.float().mean().detach(),
-             "t_mean": t.mean().detach(), "answer_tokens": response.sum().detach()}
+    loss = diffusion_loss(aligned, input_ids, masked, p_token, normaliser=answer_lengths * b)
+    stats = _mask_stats(masked, p_block, eps)
+    stats["answer_tokens"] = response.sum().detach()
     return loss, stats
 
 

@@ -191,10 +191,11 @@ def infill_stream(model: nn.Module, canvas: torch.Tensor, *, spans: Sequence[Seq
     x = x.long().clone().to(device)
     b, width = x.shape
     mask_id, eos_ids, _ = token_ids(cfg, model)
-    if getattr(getattr(model, "config", None), "block_causal", False):
+    model_config = getattr(model, "config", None)
+    if getattr(model_config, "block_causal", False):
         raise IlladaError("infill needs attention both ways; this model is block-causal (its tokens never see "
                           "the text after them)")
-    context_len = getattr(getattr(model, "config", None), "max_seq_len", None)
+    context_len = getattr(model_config, "max_seq_len", None)
     real = torch.ones_like(x, dtype=torch.bool)
     if attention_mask is not None:
         attention_mask = torch.as_tensor(attention_mask).to(device)
