@@ -4,6 +4,7 @@ shapes, and the command's output and bad input."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 
@@ -12,6 +13,7 @@ import torch
 
 from illada.__main__ import main
 from illada.config import ModelConfig, preset
+from illada.errors import IlladaError
 from illada.memory import GiB, measure_memory, plan_memory
 from test_bad_input import one_error  # pytest puts tests/ on sys.path
 
@@ -119,6 +121,39 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(job, options):
     assert abs(estimate / measured - 1) <= 0.15, (estimate, measured, plan.phase)
 
 
+@pytest.mark.parametrize("shift", [False, True], ids=["no-shift", "shift"])
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora-checkpointed"])
+def test_block_causal_sft_estimate_is_within_15_percent(shift, lora_r):
+    """sft-blocks (a block-causal model): 2 x seq_len tokens per row; the model's own attention is the default."""
+    if lora_r:
+        pytest.importorskip("peft")
+    config = dataclasses.replace(SMALL, block_causal=True, shift_logits=shift)
+    measured = measure_memory(config, "sft", seq_len=64, batch=2, block_length=8, lora_r=lora_r,
+                              activation_checkpointing=bool(lora_r))
+    plan = plan_memory(config, "sft", seq_len=64, batch=2, dtype="fp32", device="cpu", lora_r=lora_r)
+    estimate = plan.peak_checkpointed if lora_r else plan.peak
+    assert plan.settings["block_causal"] is True
+    assert abs(estimate / measured - 1) <= 0.15, (estimate, measured, plan.phase)
+    # the same rows through a plain sft step: the pair doubles what the forward holds
+    plain = plan_memory(SMALL, "sft", seq_len=64, batch=2, dtype="fp32", device="cpu", lora_r=lora_r)
+    assert plan_memory(SMALL, "sft", seq_len=64, batch=2, dtype="fp32", device="cpu", lora_r=lora_r,
+                       block_causal=True).peak == plan_memory(dataclasses.replace(SMALL, block_causal=True), "sft",
+                                                              seq_len=64, batch=2, dtype="fp32", device="cpu",
+                                                              lora_r=lora_r).peak
+    assert plan.item("activations") > 1.9 * plain.item("activations")
+    with pytest.raises(IlladaError, match="does not train block-causal"):
+        plan_memory(config, "rl", seq_len=64)
+
+
+def test_info_plan_block_causal_flag(capsys):
+    assert main(["info", "--preset", "tiny", "--plan", "sft", "--seq-len", "64", "--block-causal", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["block_causal"] is True
+    assert out["peak_bytes"] == plan_memory(preset("tiny"), "sft", seq_len=64, block_causal=True).peak
+    assert main(["info", "--preset", "tiny", "--plan", "sft", "--seq-len", "64", "--block-causal"]) == 0
+    assert "sft-blocks" in capsys.readouterr().out
+
+
 def test_info_plan_json_and_table(capsys, tmp_path):
     assert main(["info", "--preset", "tiny", "--plan", "sft", "--seq-len", "64", "--batch", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -155,6 +190,8 @@ def test_8b_on_a_24_gib_card(capsys):
     (["--plan", "generate", "--gpu-memory", "0"], "--gpu-memory must be a positive number"),
     (["--plan", "generate", "--cache", "full"], "--cache 'full'"),
     (["--seq-len", "64"], "--seq-len needs --plan"),
+    (["--plan", "generate", "--block-causal"], "--block-causal plans --plan sft"),
+    (["--block-causal"], "--block-causal needs --plan"),
 ])
 def test_bad_plan_input_is_one_line(capsys, argv, message):
     assert message in one_error(capsys, ["info", "--preset", "illada-8b", *argv])

@@ -263,9 +263,10 @@ class _Phases:
 
 def _training_phases(config: ModelConfig, rg: _Regime, *, rows: int, length: int, loss_rows: int, masked: bool,
                      checkpointing: bool, grads: int, optimizer_temp: int, gather: bool,
-                     grads_in_forward: bool, grads_in_backward: bool) -> _Phases:
+                     grads_in_forward: bool, grads_in_backward: bool, logits_copy: int = 0) -> _Phases:
     """The largest of a training step's phases (bytes beyond what lives throughout). `grads_in_forward` /
-    `_backward`: the previous gradients are alive then (gradient accumulation; rl zeroes them before backward)."""
+    `_backward`: the previous gradients are alive then (gradient accumulation; rl zeroes them before backward).
+    `logits_copy`: bytes of a rearranged copy of the logits that the loss reads (sft-blocks with the shift)."""
     t, h, v, f, n_l = rows * length, config.hidden_size, config.vocab_size, config.intermediate_size, config.n_layers
     block = _block_saved(config, rg, t, rows, length, masked)
     block_copy, head_copy = _weight_copies(config, rg)
@@ -286,7 +287,7 @@ def _training_phases(config: ModelConfig, rg: _Regime, *, rows: int, length: int
     during_forward = grads if grads_in_forward else 0
     during_backward = grads if grads_in_backward else 0
     # the (B, L, V) logits; then the float32 rows the loss reads (a gathered copy, or .float() of a bf16 tensor)
-    logits = t * v * rg.c + (loss_rows * v * 4 if gather or rg.c != 4 else 0)
+    logits = t * v * rg.c + logits_copy + (loss_rows * v * 4 if gather or rg.c != 4 else 0)
     phases = {
         "end of forward": during_forward + saved + forward_copies + logits,
         "loss backward": during_backward + saved + backward_copies + 2 * lsm,
@@ -395,11 +396,14 @@ def plan_memory(config: ModelConfig, job: str, *, seq_len: int = 2048, batch: in
                 lora_r: int = 0, lora_targets: str | None = None, quantize: str | None = None,
                 device: str = "cuda", cache: str = "none", block_length: int = 32, group_size: int = 8,
                 estimator: str = "coupled", grad_accum: int = 1, masked: bool = True,
-                temperature: float = 0.0, prompt_len: int = 0, fixed_length: bool = False) -> MemoryPlan:
+                temperature: float = 0.0, prompt_len: int = 0, fixed_length: bool = False,
+                block_causal: bool | None = None) -> MemoryPlan:
     """Estimate the peak memory of `job` on a model of shape `config` (no weights are read).
 
     sft: `batch` rows (the micro-batch) of `seq_len` tokens, every token masked (t near 1: the worst step).
     `masked`: an attention mask is in play (packed segments, padding): its per-layer copies are counted.
+    `block_causal` (None: the model's own attention): sft of a block-causal model (`--objective sft-blocks`), whose
+    rows run as their noisy and clean halves side by side: 2 x `seq_len` tokens under a pattern, loss on one half.
     rl: `batch` prompts x `group_size` rollouts of `seq_len` tokens (prompt + completion), scored by `estimator`.
     generate: `batch` rows of a `seq_len`-token canvas (`prompt_len` + new tokens; a longer prompt only shrinks
     a prefix cache's steps on a fixed canvas, so 0 is the worst case), `block_length`-token blocks appended
@@ -411,6 +415,10 @@ def plan_memory(config: ModelConfig, job: str, *, seq_len: int = 2048, batch: in
         quantize = "int4"
     _check(job, seq_len, batch, dtype, lora_r, quantize, device, cache, block_length, group_size, estimator,
            grad_accum, prompt_len, config)
+    if block_causal and job != "sft":
+        raise IlladaError("--block-causal plans --plan sft (--objective sft-blocks) only")
+    if job == "rl" and config.block_causal:
+        raise IlladaError("--plan rl: illada rl does not train block-causal models")
     targets = tuple(parse_targets(lora_targets)) if lora_targets else TARGETS
     c = DTYPES[dtype]
     settings = {"seq_len": seq_len, "batch": batch, "dtype": dtype, "lora_r": lora_r,
@@ -468,10 +476,14 @@ def plan_memory(config: ModelConfig, job: str, *, seq_len: int = 2048, batch: in
              Item("gradients", "gradients", grads, f"{format_count(w.trainable)} trainable"),
              Item("optimizer", "optimizer states", optimizer, f"AdamW, 2 states ({opt_note})")]
     if job == "sft":
-        rows, length = batch, seq_len
-        common = dict(rows=rows, length=length, loss_rows=rows * length, masked=masked, grads=grads,
+        blocks = config.block_causal if block_causal is None else block_causal
+        settings["block_causal"] = blocks
+        rows, length = batch, seq_len * (2 if blocks else 1)
+        common = dict(rows=rows, length=length, loss_rows=rows * seq_len, masked=masked or blocks, grads=grads,
                       optimizer_temp=optimizer_temp, gather=True, grads_in_forward=grad_accum > 1,
-                      grads_in_backward=grad_accum > 1)
+                      grads_in_backward=grad_accum > 1,
+                      # with the shift, the noisy half's logits with each block's first row from the clean half
+                      logits_copy=rows * seq_len * config.vocab_size * rg.c if blocks and config.shift_logits else 0)
         plain = _training_phases(config, rg, checkpointing=False, **common)
         ck = _training_phases(config, rg, checkpointing=True, **common)
         items += [Item("activations", "activations", plain.saved, "saved for backward"),
@@ -481,7 +493,7 @@ def plan_memory(config: ModelConfig, job: str, *, seq_len: int = 2048, batch: in
             items.append(Item("weight_copies", "bf16 weight copies", plain.copies,
                               f"autocast; {ck.copies / GiB:.2f} GiB checkpointed"))
         items.append(Item("logits", "logits + loss", plain.logits, f"{rows * length} x {config.vocab_size}, "
-                          "all masked"))
+                          + (f"the noisy half ({rows * seq_len}) masked" if blocks else "all masked")))
         if context:
             items.append(_context_item(context))
         static = w.total + optimizer + context
@@ -557,14 +569,17 @@ def measure_memory(config: ModelConfig, job: str, *, seq_len: int, batch: int = 
                    lora_r: int = 0, lora_targets: str | None = None, quantize: str | None = None,
                    activation_checkpointing: bool = False, cache: str = "none", block_length: int = 32,
                    temperature: float = 0.0, group_size: int = 4, estimator: str = "coupled", masked: bool = True,
-                   prompt_len: int | None = None, fixed_length: bool = False, seed: int = 0) -> int:
+                   prompt_len: int | None = None, fixed_length: bool = False, block_causal: bool | None = None,
+                   seed: int = 0) -> int:
     """The measured peak (bytes of live tensor storage, `measure_peak`) of one step of `job` on a randomly
     initialised CPU model of shape `config`, run as illada runs it, with `plan_memory`'s keywords: an sft step
     (autocast in bf16, every token masked, two packed segments when `masked`, backward, clipping, AdamW), an rl
     step (rollouts, scoring by the policy and a reference copy, the entropy, two inner updates) or a generate
     (a prompt of `prompt_len` tokens, default a quarter of the canvas, then blocks of `block_length`, which must
-    divide the rest, appended one by one or on one `fixed_length` canvas; two tokens per step). A step runs once first so the optimizer's states exist. For small shapes: this is what the
-    estimates are checked against."""
+    divide the rest, appended one by one or on one `fixed_length` canvas; two tokens per step); a `block_causal`
+    sft step is `sft_blocks_loss` on rows that are all response, in blocks of `block_length`, every token masked.
+    A step runs once first so the optimizer's states exist. For small shapes: this is what the estimates are
+    checked against."""
     import contextlib
     import copy
 
@@ -609,8 +624,9 @@ def measure_memory(config: ModelConfig, job: str, *, seq_len: int, batch: int = 
         apply_activation_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if job == "sft":
-        from illada.diffusion.objective import pretrain_loss
+        from illada.diffusion.objective import pretrain_loss, sft_blocks_loss
 
+        blocks = config.block_causal if block_causal is None else block_causal
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)
         ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
         segments = (torch.arange(seq_len)[None, :].expand(batch, -1) >= seq_len // 2).long() if masked else None
@@ -620,7 +636,11 @@ def measure_memory(config: ModelConfig, job: str, *, seq_len: int, batch: int = 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             with autocast():
-                loss, _ = pretrain_loss(model, ids, mask_id, t=torch.ones(batch), segment_ids=segments)
+                if blocks:
+                    loss, _ = sft_blocks_loss(model, ids, torch.zeros(batch, dtype=torch.long), mask_id, block_length,
+                                              t=torch.ones(batch, -(-seq_len // block_length)))
+                else:
+                    loss, _ = pretrain_loss(model, ids, mask_id, t=torch.ones(batch), segment_ids=segments)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()

@@ -11,7 +11,8 @@ from illada.errors import IlladaError
 # the memory planner's flags (illada.memory.plan_memory's keywords) and their defaults; each needs --plan
 PLAN_DEFAULTS = {"seq_len": 2048, "batch": 1, "dtype": "bf16", "lora_r": 0, "lora_targets": None, "quantize": None,
                  "device": "cuda", "cache": "none", "block_length": 32, "temperature": 0.0, "group_size": 8,
-                 "estimator": "coupled", "grad_accum": 1, "prompt_len": 0, "fixed_length": False, "gpu_memory": 24.0}
+                 "estimator": "coupled", "grad_accum": 1, "prompt_len": 0, "fixed_length": False, "block_causal": None,
+                 "gpu_memory": 24.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "instead of appending blocks")
     plan.add_argument("--temperature", type=float, help="generate's temperature; > 0 adds the sampling "
                       "temporaries (default 0)")
+    plan.add_argument("--block-causal", action="store_const", const=True, help="sft with --objective sft-blocks: "
+                      "each row runs as its noisy and clean halves, 2 x --seq-len tokens (default: a block-causal "
+                      "model's own; --block-length is not needed)")
     plan.add_argument("--group-size", type=int, help="rl's rollouts per prompt (default 8)")
     plan.add_argument("--estimator", help="rl's estimator: mean_field | coupled | elbo (default coupled)")
     plan.add_argument("--grad-accum", type=int, help="sft's micro-batches per step: > 1 keeps gradients alive "
@@ -188,6 +192,8 @@ def run_plan(args: argparse.Namespace) -> int:
     what = [f"{s['batch']} x {s['seq_len']} tokens"]
     if plan.job == "rl":
         what.append(f"group {s['group_size']}, {s['estimator']}")
+    if s.get("block_causal"):
+        what.append("sft-blocks")
     what += [f"LoRA r{s['lora_r']}"] * bool(s["lora_r"]) + [s["quantize"]] * bool(s["quantize"])
     table = Table(title=f"{plan.job} on {source}: {', '.join(what + [s['dtype'], s['device']])}")
     table.add_column("part")
