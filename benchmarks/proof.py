@@ -64,6 +64,12 @@ class Cell:
                 parts += [flag, str(value)]
         return " ".join(shlex.quote(p) for p in parts)
 
+    @property
+    def key(self) -> str:
+        """Its entry in the results cache: a grid's cells apart from another grid's same command (an AR twin
+        shared by two grids), since tokens/s only compare within the run that measured a grid."""
+        return f"{self.grid}: {self.command}" if self.grid else self.command
+
 
 PRESET_FLAGS = ("num_fewshot", "max_new_tokens", "block_length", "steps", "variable_length", "threshold", "factor",
                 "cache", "remasking", "temperature", "method", "mc_num")
@@ -306,12 +312,12 @@ def markdown(cells: list[Cell], results: dict) -> str:
     for section, (title, columns, row) in TABLES.items():
         grids = list(dict.fromkeys(c.grid for c in cells if c.section == section))
         for grid in grids:
-            done = [c for c in cells if c.section == section and c.grid == grid and c.command in results]
+            done = [c for c in cells if c.section == section and c.grid == grid and c.key in results]
             if not done:
                 continue
             out += [f"### {title.format(grid=grid)}", "", "| " + " | ".join(columns + ["command"]) + " |",
                     "|---|" + "---:|" * (len(columns) - 1) + "---|"]
-            out += [f"| {c.label} | " + " | ".join(str(v) for v in row(results[c.command])) + f" | `{c.command}` |"
+            out += [f"| {c.label} | " + " | ".join(str(v) for v in row(results[c.key])) + f" | `{c.command}` |"
                     for c in done]
             out.append("")
             if section == "parallel":
@@ -323,17 +329,17 @@ def markdown(cells: list[Cell], results: dict) -> str:
 
 def speed_summary(cells: list[Cell], results: dict) -> str:
     """Best MDM mode (highest tokens/s within 1 point of the AR twin's accuracy, else the most accurate) vs AR."""
-    ar = next((c for c in cells if c.label.startswith("AR twin") and c.command in results), None)
-    modes = [c for c in cells if c.command in results and c is not ar]
+    ar = next((c for c in cells if c.label.startswith("AR twin") and c.key in results), None)
+    modes = [c for c in cells if c.key in results and c is not ar]
     if ar is None or not modes:
         return ""
-    a = results[ar.command]
-    equal = [c for c in modes if results[c.command]["score"] >= a["score"] - 0.01]
+    a = results[ar.key]
+    equal = [c for c in modes if results[c.key]["score"] >= a["score"] - 0.01]
     pool = equal or modes
-    speed = lambda c: results[c.command].get("tokens_per_second", 0)  # noqa: E731
+    speed = lambda c: results[c.key].get("tokens_per_second", 0)  # noqa: E731
     # the most accurate mode when none reaches the twin; the fastest of equally accurate modes (exact caches tie)
-    best = max(pool, key=speed) if equal else max(pool, key=lambda c: (results[c.command]["score"], speed(c)))
-    b = results[best.command]
+    best = max(pool, key=speed) if equal else max(pool, key=lambda c: (results[c.key]["score"], speed(c)))
+    b = results[best.key]
     ratio = b.get("tokens_per_second", 0) / max(a.get("tokens_per_second", 1e-9), 1e-9)
     note = "at accuracy within 1 point of the AR twin" if equal else \
         "no MDM mode reaches the AR twin's accuracy: the most accurate mode is shown, the fastest of ties"
@@ -344,7 +350,7 @@ def speed_summary(cells: list[Cell], results: dict) -> str:
 
 def parallel_summary(cells: list[Cell], results: dict) -> str:
     """The fastest-per-pass mode within 1 point of one token per pass (same samples), the target's measure."""
-    modes = {c.label: results[c.command] for c in cells if c.section == "parallel" and c.command in results}
+    modes = {c.label: results[c.key] for c in cells if c.section == "parallel" and c.key in results}
     reference = GRIDS[cells[0].grid].reference  # the cells are one grid's
     base = modes.get(f"{reference}, 1 token/pass · cache none")
     if base is None:
@@ -366,7 +372,7 @@ def plots(cells: list[Cell], results: dict, out: Path, task: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     cells = [c for c in cells if c.grid == task]
-    modes = [c for c in cells if c.section == "parallel" and c.command in results and not c.label.startswith("AR")]
+    modes = [c for c in cells if c.section == "parallel" and c.key in results and not c.label.startswith("AR")]
     if not modes:
         return []
     written = []
@@ -375,15 +381,15 @@ def plots(cells: list[Cell], results: dict, out: Path, task: str) -> list[Path]:
                                 ("tokens_per_second", "accuracy_vs_tokens_per_second.png", "tokens / s (CPU)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for c in modes:
-            r = results[c.command]
+            r = results[c.key]
             cache = c.label.rsplit("cache ", 1)[-1]
             ax.scatter(r.get(x_key, 0), 100 * r["score"], marker=markers.get(cache, "o"), s=36)
             ax.annotate(c.label.split(" · ")[0], (r.get(x_key, 0), 100 * r["score"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
         ar = next((c for c in cells if c.section == "parallel" and c.label.startswith("AR twin")
-                   and c.command in results), None)
+                   and c.key in results), None)
         if ar is not None:
-            r = results[ar.command]
+            r = results[ar.key]
             x = 1.0 if x_key == "tokens_per_forward" else r.get("tokens_per_second", 0)
             ax.scatter(x, 100 * r["score"], marker="*", s=140, color="black", label="AR twin (KV cache)")
             ax.legend(loc="lower left", fontsize=8)
@@ -429,11 +435,14 @@ def main() -> int:
     if "likelihood" in sections:
         likelihood(results, args.fresh)
         write_json_atomic(cache_path, results)
+    for cell in cells:  # a grid's results cached before grids were keyed apart
+        if cell.key not in results and cell.command in results and cell.grid:
+            results[cell.key] = results[cell.command]
     models: dict = {}
     for cell in cells:
         # speed: tokens/s only compare when measured together, so the arithmetic twins and every decoding mode
         speed = "speed" in sections and cell.section in ("parallel", "latency")
-        if not (cell.section in sections or speed) or (cell.command in results and not args.fresh):
+        if not (cell.section in sections or speed) or (cell.key in results and not args.fresh):
             continue
         if args.match is not None and args.match not in cell.command:
             continue
@@ -441,11 +450,11 @@ def main() -> int:
             continue  # a run not trained here: its cached result (if any) is still shown
         began = time.perf_counter()
         try:
-            results[cell.command] = run_cell(cell, models, args.batch_size)
+            results[cell.key] = run_cell(cell, models, args.batch_size)
         except IlladaError as error:  # a twin not trained yet
             print(f"skip ({error}): {cell.command}", file=sys.stderr)
             continue
-        r = results[cell.command]
+        r = results[cell.key]
         print(f"{cell.section:9s} {cell.label:45s} acc {pct(r['score']):>5s}  tok/pass "
               f"{r.get('tokens_per_forward', 0):5.2f}  tok/s {r.get('tokens_per_second', 0):7.1f}  "
               f"({time.perf_counter() - began:.0f}s)", file=sys.stderr, flush=True)
