@@ -29,6 +29,7 @@ SMALL = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, n_lay
 WIDE_VOCAB = SMALL.replace(vocab_size=4096, name="vocab-4096")
 DEEP = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=352, n_layers=4, n_heads=4, n_kv_heads=2,
                    max_seq_len=256, mask_token_id=3, name="deep-256")
+BLOCKS = DEEP.replace(block_causal=True, shift_logits=True, name="deep-256-blocks")
 
 # (label, shape, job, options): options are plan_memory's (and measure_memory's) keywords
 CASES = [
@@ -41,6 +42,11 @@ CASES = [
     ("sft LoRA r8, checkpointed", DEEP, "sft", {"seq_len": 128, "batch": 2, "lora_r": 8,
                                                 "activation_checkpointing": True}),
     ("sft LoRA r8, bf16 autocast", DEEP, "sft", {"seq_len": 128, "batch": 2, "lora_r": 8, "dtype": "bf16"}),
+    ("sft-blocks full (block-causal, shift)", BLOCKS, "sft", {"seq_len": 128, "batch": 2, "block_length": 8}),
+    ("sft-blocks full, bf16 autocast", BLOCKS, "sft", {"seq_len": 128, "batch": 2, "block_length": 8,
+                                                       "dtype": "bf16"}),
+    ("sft-blocks LoRA r8, checkpointed", BLOCKS, "sft", {"seq_len": 128, "batch": 2, "block_length": 8,
+                                                         "lora_r": 8, "activation_checkpointing": True}),
     ("generate, no cache", SMALL, "generate", {"seq_len": 96, "batch": 2, "block_length": 16, "prompt_len": 16}),
     ("generate, prefix cache", SMALL, "generate", {"seq_len": 96, "batch": 2, "block_length": 16,
                                                    "prompt_len": 16, "cache": "prefix"}),
