@@ -76,9 +76,8 @@ PRESET_FLAGS = ("num_fewshot", "max_new_tokens", "block_length", "steps", "varia
 
 
 def run_cell(cell: Cell, models: dict, batch_size: int) -> dict:
-    if cell.model not in models:
-        models[cell.model] = illada.load(cell.model)
-    lm = models[cell.model]
+    """The cell's eval. A model's first cell is preceded by an untimed eval of its first batch (the first forwards of
+    a process are slow), so the first cell of a grid, the AR twin's, is not timed cold while the rest run warm."""
     flags = dict(cell.flags)
     limit = flags.pop("limit", None)
     batch_size = flags.pop("batch_size", batch_size)
@@ -86,6 +85,10 @@ def run_cell(cell: Cell, models: dict, batch_size: int) -> dict:
         flags["variable_length"] = False
     preset = get_preset(cell.task).replace(**{k: v for k, v in flags.items() if k in PRESET_FLAGS})
     samples = load_samples(cell.data, preset.kind)
+    if cell.model not in models:
+        models[cell.model] = illada.load(cell.model)
+        evaluate(models[cell.model], preset, samples, limit=batch_size, batch_size=batch_size, progress=False)
+    lm = models[cell.model]
     torch.manual_seed(0)
     result = evaluate(lm, preset, samples, limit=limit, batch_size=batch_size, progress=False)
     data = result.to_dict()
@@ -106,14 +109,17 @@ class Grid:
     fixed: tuple[str, dict]  # the fixed-canvas mode: its name and flags
     variable: dict = field(default_factory=dict)  # the variable-length mode's flags (beyond `flags`)
     reference: str = "variable length"  # the one-token-per-pass mode the parallel modes are held to
+    # the threshold/factor modes on the variable-length canvas too (a block-causal MDM: the same tokens as the
+    # fixed canvas, without the EOS blocks after a row's answer)
+    variable_parallel: bool = False
 
 
-def blocks_of_8_grid(mdm: Path) -> Grid:
+def blocks_of_8_grid(mdm: Path, variable_parallel: bool = False) -> Grid:
     """An arithmetic MDM on the aligned working decoded on a fixed canvas of 96 in blocks of 8, vs the aligned twin."""
     return Grid(mdm, RUNS / "arithmetic" / "aligned-ar", "gsm8k", ARITH_TEST,
                 dict(num_fewshot=0, max_new_tokens=96, block_length=8, fixed_length=True, steps=96),
                 ("fixed canvas 96, blocks of 8", {}), variable=dict(fixed_length=None, variable_length=True, steps=8),
-                reference="fixed canvas 96, blocks of 8")
+                reference="fixed canvas 96, blocks of 8", variable_parallel=variable_parallel)
 
 
 GRIDS = {
@@ -128,7 +134,7 @@ GRIDS = {
     "arithmetic-adapted": blocks_of_8_grid(RUNS / "arithmetic" / "adapted-mdm-cont"),
     # block-causal (recipes/arithmetic-blocks.sh): causal outside the block being decoded, so every cache is exact
     # and the variable-length canvas gives the fixed canvas's tokens
-    "arithmetic-blocks": blocks_of_8_grid(RUNS / "arithmetic" / "blocks-mdm"),
+    "arithmetic-blocks": blocks_of_8_grid(RUNS / "arithmetic" / "blocks-mdm-long", variable_parallel=True),
     "sudoku": Grid(RUNS / "sudoku" / "mdm", RUNS / "sudoku" / "ar", "exact", RUNS / "sudoku" / "test.jsonl",
                    dict(max_new_tokens=48, block_length=48, steps=48), ("fixed canvas 48", dict(fixed_length=True))),
 }
@@ -165,7 +171,9 @@ def arithmetic_cells(limit: int, batch: int) -> list[Cell]:
     # block-causal (recipes/arithmetic-blocks.sh): every cache is exact, so the committed one is the cell
     for run, label in (("blocks-mdm", "`adapted-mdm-cont` made block-causal, sft-blocks of 8, +600 steps"),
                        ("blocks-mdm-cont", "that continued 400 steps, lr 5e-5"),
-                       ("blocks-ar", "the AR twin adapted block-causal, sft-blocks of 8, 300 steps")):
+                       ("blocks-mdm-long", "that continued 1,200 steps, lr 1e-4, a new data order"),
+                       ("blocks-ar", "the AR twin adapted block-causal, sft-blocks of 8, 300 steps"),
+                       ("blocks-ar-long", "the AR twin adapted block-causal, sft-blocks of 8, 1,000 steps")):
         cells.append(Cell("tasks", f"arithmetic, aligned working · MDM {label} (blocks of 8, 1 token/pass, "
                                    "committed KV cache)", str(RUNS / "arithmetic" / run), "gsm8k", ARITH_TEST,
                           {**semi, "cache": "committed"}))
@@ -180,8 +188,11 @@ def grid_cells(task: str, limit: int, batch: int) -> list[Cell]:
     cells = [Cell("parallel", "AR twin (greedy, KV cache)", str(grid.ar), grid.task, grid.data, ar_flags, task)]
     fixed_name, fixed = grid.fixed
     modes = [(f"{fixed_name}, 1 token/pass", fixed), ("variable length, 1 token/pass", grid.variable)]
-    modes += [(f"threshold {t}", dict(threshold=t)) for t in (0.95, 0.9, 0.8, 0.7, 0.5)]
-    modes += [(f"factor {f}", dict(factor=f)) for f in (1, 2)]
+    parallel = [(f"threshold {t}", dict(threshold=t)) for t in (0.95, 0.9, 0.8, 0.7, 0.5)]
+    parallel += [(f"factor {f}", dict(factor=f)) for f in (1, 2)]
+    modes += parallel
+    if grid.variable_parallel:
+        modes += [(f"variable length, {name}", {**grid.variable, **extra}) for name, extra in parallel]
     for name, extra in modes:
         for cache in CACHES:
             cells.append(Cell("parallel", f"{name} · cache {cache}", str(grid.mdm), grid.task, grid.data,
@@ -199,6 +210,7 @@ def latency_cells(limit: int) -> list[Cell]:
                   {k: v for k, v in base.items() if k != "fixed_length"}, "arithmetic-blocks")]
     modes = [("fixed canvas 96, blocks of 8, 1 token/pass", {})]
     modes += [(f"threshold {t}", dict(threshold=t)) for t in (0.95, 0.9, 0.7)]
+    modes += [(f"variable length, threshold {t}", {**grid.variable, "threshold": t}) for t in (0.95, 0.9, 0.7)]
     for name, extra in modes:
         cells.append(Cell("latency", f"{name} · cache committed", str(grid.mdm), grid.task, grid.data,
                           {**base, **extra, "cache": "committed"}, "arithmetic-blocks"))
@@ -324,26 +336,68 @@ def markdown(cells: list[Cell], results: dict) -> str:
                 out += [parallel_summary(done, results), speed_summary(done, results)]
             if section == "latency":
                 out.append(speed_summary(done, results))
+            if section in ("parallel", "latency"):
+                out.append(head_to_head_markdown(results.get(f"head-to-head: {section}: {grid}")))
     return "\n".join(out)
 
 
-def speed_summary(cells: list[Cell], results: dict) -> str:
-    """Best MDM mode (highest tokens/s within 1 point of the AR twin's accuracy, else the most accurate) vs AR."""
+def best_pair(cells: list[Cell], results: dict) -> tuple[Cell, Cell, bool] | None:
+    """(AR twin, best MDM mode, whether it is within 1 point of the twin): the highest tokens/s within 1 point of
+    the twin's accuracy, else the most accurate mode (the fastest of ties)."""
     ar = next((c for c in cells if c.label.startswith("AR twin") and c.key in results), None)
     modes = [c for c in cells if c.key in results and c is not ar]
     if ar is None or not modes:
-        return ""
+        return None
     a = results[ar.key]
     equal = [c for c in modes if results[c.key]["score"] >= a["score"] - 0.01]
     pool = equal or modes
     speed = lambda c: results[c.key].get("tokens_per_second", 0)  # noqa: E731
-    # the most accurate mode when none reaches the twin; the fastest of equally accurate modes (exact caches tie)
     best = max(pool, key=speed) if equal else max(pool, key=lambda c: (results[c.key]["score"], speed(c)))
-    b = results[best.key]
+    return ar, best, bool(equal)
+
+
+def head_to_head(cells: list[Cell], results: dict, models: dict, batch_size: int, rounds: int) -> dict | None:
+    """The best pair timed again: one warm-up run each, then `rounds` runs alternating AR twin and MDM mode (a single
+    short run is at the mercy of this shared machine's noise). Tokens/s of every run; the ratio of the medians."""
+    pair = best_pair(cells, results)
+    if pair is None:
+        return None
+    ar, best, _ = pair
+    for cell in (ar, best):
+        run_cell(cell, models, batch_size)
+    runs: dict[str, list[float]] = {"ar": [], "mode": []}
+    for _ in range(rounds):
+        for name, cell in (("ar", ar), ("mode", best)):
+            runs[name].append(run_cell(cell, models, batch_size)["tokens_per_second"])
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731  (rounds is odd)
+    return {"ar": ar.label, "mode": best.label, "ar_command": ar.command, "mode_command": best.command,
+            "ar_tokens_per_second": runs["ar"], "mode_tokens_per_second": runs["mode"],
+            "ratio": median(runs["mode"]) / median(runs["ar"])}
+
+
+def head_to_head_markdown(h: dict | None) -> str:
+    if not h:
+        return ""
+    def spread(xs: list[float]) -> str:
+        xs = sorted(xs)
+        return f"median {xs[len(xs) // 2]:,.0f} (min {xs[0]:,.0f}, max {xs[-1]:,.0f})"
+    return (f"**Head to head** ({len(h['ar_tokens_per_second'])} warm runs each, alternating): {h['mode']}: "
+            f"{spread(h['mode_tokens_per_second'])} tokens/s; AR twin: {spread(h['ar_tokens_per_second'])}: "
+            f"**{h['ratio']:.2f}x** (ratio of medians).\n")
+
+
+def speed_summary(cells: list[Cell], results: dict) -> str:
+    """Best MDM mode (highest tokens/s within 1 point of the AR twin's accuracy, else the most accurate) vs AR, by
+    the single runs of the table (the head-to-head line below times the pair again)."""
+    pair = best_pair(cells, results)
+    if pair is None:
+        return ""
+    ar, best, equal = pair
+    a, b = results[ar.key], results[best.key]
     ratio = b.get("tokens_per_second", 0) / max(a.get("tokens_per_second", 1e-9), 1e-9)
     note = "at accuracy within 1 point of the AR twin" if equal else \
         "no MDM mode reaches the AR twin's accuracy: the most accurate mode is shown, the fastest of ties"
-    return (f"**Best MDM mode vs the AR twin** ({note}): {best.label}: {pct(b['score'])}% at "
+    return (f"**Best MDM mode vs the AR twin** ({note}; one run each): {best.label}: {pct(b['score'])}% at "
             f"{b.get('tokens_per_second', 0):.1f} tokens/s vs AR {pct(a['score'])}% at "
             f"{a.get('tokens_per_second', 0):.1f} tokens/s: **{ratio:.2f}x**.\n")
 
@@ -419,7 +473,11 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--fresh", action="store_true", help="recompute the selected cells instead of using the cache")
     p.add_argument("--match", default=None, metavar="TEXT", help="only the cells whose command contains TEXT")
+    p.add_argument("--rounds", type=int, default=5, help="alternating warm runs of each grid's AR twin and best "
+                   "mode (head to head, odd; 0: none)")
     args = p.parse_args()
+    if args.rounds < 0 or (args.rounds and args.rounds % 2 == 0):
+        p.error("--rounds must be 0 or odd")
     args.out.mkdir(parents=True, exist_ok=True)
     if not ARITH_CHOICE.exists():
         from illada.tasks import get_task, make_records, write_records
@@ -435,9 +493,10 @@ def main() -> int:
     if "likelihood" in sections:
         likelihood(results, args.fresh)
         write_json_atomic(cache_path, results)
+    plain = {c.command for c in cells if not c.grid}
     for cell in cells:  # a grid's results cached before grids were keyed apart
-        if cell.key not in results and cell.command in results and cell.grid:
-            results[cell.key] = results[cell.command]
+        if cell.grid and cell.key not in results and cell.command in results:
+            results[cell.key] = results[cell.command] if cell.command in plain else results.pop(cell.command)
     models: dict = {}
     for cell in cells:
         # speed: tokens/s only compare when measured together, so the arithmetic twins and every decoding mode
@@ -459,6 +518,20 @@ def main() -> int:
               f"{r.get('tokens_per_forward', 0):5.2f}  tok/s {r.get('tokens_per_second', 0):7.1f}  "
               f"({time.perf_counter() - began:.0f}s)", file=sys.stderr, flush=True)
         write_json_atomic(cache_path, results)
+    for section in ("parallel", "latency"):
+        if not args.rounds or not ({section, "speed"} & sections) or args.match is not None:
+            continue
+        for grid in dict.fromkeys(c.grid for c in cells if c.section == section):
+            key = f"head-to-head: {section}: {grid}"
+            group = [c for c in cells if c.section == section and c.grid == grid]
+            pair = best_pair(group, results)
+            if (key in results and not args.fresh) or pair is None or \
+                    any(c.model.startswith(str(RUNS)) and not Path(c.model).exists() for c in pair[:2]):
+                continue
+            batch = pair[0].flags.get("batch_size", args.batch_size)
+            results[key] = head_to_head(group, results, models, batch, args.rounds)
+            print(f"{section:9s} head to head ({grid}): {results[key]['ratio']:.2f}x", file=sys.stderr, flush=True)
+            write_json_atomic(cache_path, results)
     text = ["## Proof table", "", f"Machine: {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
             f"batch {args.batch_size}; {args.limit} held-out samples per task cell, {args.grid_limit} per "
             f"parallel-decoding cell (grids: {', '.join(grids)}).", "",
