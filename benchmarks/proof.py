@@ -493,10 +493,13 @@ def main() -> int:
     if "likelihood" in sections:
         likelihood(results, args.fresh)
         write_json_atomic(cache_path, results)
-    plain = {c.command for c in cells if not c.grid}
-    for cell in cells:  # a grid's results cached before grids were keyed apart
+    moved = set()
+    for cell in cells:  # a grid's results cached before grids were keyed apart (two grids may share a command)
         if cell.grid and cell.key not in results and cell.command in results:
-            results[cell.key] = results[cell.command] if cell.command in plain else results.pop(cell.command)
+            results[cell.key] = results[cell.command]
+            moved.add(cell.command)
+    for command in moved - {c.command for c in cells if not c.grid}:
+        del results[command]
     models: dict = {}
     for cell in cells:
         # speed: tokens/s only compare when measured together, so the arithmetic twins and every decoding mode
