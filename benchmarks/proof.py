@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,11 @@ class Cell:
             elif value is not None:
                 parts += [flag, str(value)]
         return " ".join(shlex.quote(p) for p in parts)
+
+    @property
+    def run_missing(self) -> bool:
+        """A run of `runs/` not trained here (its cached result, if any, is still shown)."""
+        return self.model.startswith(str(RUNS)) and not Path(self.model).exists()
 
     @property
     def key(self) -> str:
@@ -356,31 +362,25 @@ def best_pair(cells: list[Cell], results: dict) -> tuple[Cell, Cell, bool] | Non
     return ar, best, bool(equal)
 
 
-def head_to_head(cells: list[Cell], results: dict, models: dict, batch_size: int, rounds: int) -> dict | None:
+def head_to_head(ar: Cell, best: Cell, models: dict, batch_size: int, rounds: int) -> dict:
     """The best pair timed again: one warm-up run each, then `rounds` runs alternating AR twin and MDM mode (a single
     short run is at the mercy of this shared machine's noise). Tokens/s of every run; the ratio of the medians."""
-    pair = best_pair(cells, results)
-    if pair is None:
-        return None
-    ar, best, _ = pair
     for cell in (ar, best):
         run_cell(cell, models, batch_size)
     runs: dict[str, list[float]] = {"ar": [], "mode": []}
     for _ in range(rounds):
         for name, cell in (("ar", ar), ("mode", best)):
             runs[name].append(run_cell(cell, models, batch_size)["tokens_per_second"])
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731  (rounds is odd)
     return {"ar": ar.label, "mode": best.label, "ar_command": ar.command, "mode_command": best.command,
             "ar_tokens_per_second": runs["ar"], "mode_tokens_per_second": runs["mode"],
-            "ratio": median(runs["mode"]) / median(runs["ar"])}
+            "ratio": statistics.median(runs["mode"]) / statistics.median(runs["ar"])}
 
 
 def head_to_head_markdown(h: dict | None) -> str:
     if not h:
         return ""
     def spread(xs: list[float]) -> str:
-        xs = sorted(xs)
-        return f"median {xs[len(xs) // 2]:,.0f} (min {xs[0]:,.0f}, max {xs[-1]:,.0f})"
+        return f"median {statistics.median(xs):,.0f} (min {min(xs):,.0f}, max {max(xs):,.0f})"
     return (f"**Head to head** ({len(h['ar_tokens_per_second'])} warm runs each, alternating): {h['mode']}: "
             f"{spread(h['mode_tokens_per_second'])} tokens/s; AR twin: {spread(h['ar_tokens_per_second'])}: "
             f"**{h['ratio']:.2f}x** (ratio of medians).\n")
@@ -493,13 +493,6 @@ def main() -> int:
     if "likelihood" in sections:
         likelihood(results, args.fresh)
         write_json_atomic(cache_path, results)
-    moved = set()
-    for cell in cells:  # a grid's results cached before grids were keyed apart (two grids may share a command)
-        if cell.grid and cell.key not in results and cell.command in results:
-            results[cell.key] = results[cell.command]
-            moved.add(cell.command)
-    for command in moved - {c.command for c in cells if not c.grid}:
-        del results[command]
     models: dict = {}
     for cell in cells:
         # speed: tokens/s only compare when measured together, so the arithmetic twins and every decoding mode
@@ -508,8 +501,8 @@ def main() -> int:
             continue
         if args.match is not None and args.match not in cell.command:
             continue
-        if cell.model.startswith(str(RUNS)) and not Path(cell.model).exists():
-            continue  # a run not trained here: its cached result (if any) is still shown
+        if cell.run_missing:
+            continue
         began = time.perf_counter()
         try:
             results[cell.key] = run_cell(cell, models, args.batch_size)
@@ -528,11 +521,10 @@ def main() -> int:
             key = f"head-to-head: {section}: {grid}"
             group = [c for c in cells if c.section == section and c.grid == grid]
             pair = best_pair(group, results)
-            if (key in results and not args.fresh) or pair is None or \
-                    any(c.model.startswith(str(RUNS)) and not Path(c.model).exists() for c in pair[:2]):
+            if (key in results and not args.fresh) or pair is None or pair[0].run_missing or pair[1].run_missing:
                 continue
-            batch = pair[0].flags.get("batch_size", args.batch_size)
-            results[key] = head_to_head(group, results, models, batch, args.rounds)
+            ar, best, _ = pair
+            results[key] = head_to_head(ar, best, models, ar.flags.get("batch_size", args.batch_size), args.rounds)
             print(f"{section:9s} head to head ({grid}): {results[key]['ratio']:.2f}x", file=sys.stderr, flush=True)
             write_json_atomic(cache_path, results)
     text = ["## Proof table", "", f"Machine: {torch.get_num_threads()} thread(s), torch {torch.__version__}, "

@@ -357,7 +357,7 @@ def _context_item(context: int) -> Item:
 
 def _check(job: str, seq_len: int, batch: int, dtype: str, lora_r: int, quantize: str | None, device: str,
            cache: str, block_length: int, group_size: int, estimator: str, grad_accum: int, prompt_len: int,
-           config: ModelConfig) -> None:
+           config: ModelConfig, block_causal: bool | None) -> None:
     def positive(name: str, value) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise IlladaError(f"--plan: {name} must be a positive integer, got {value!r}")
@@ -390,6 +390,10 @@ def _check(job: str, seq_len: int, batch: int, dtype: str, lora_r: int, quantize
                           "give --lora-r")
     if job == "sft" and quantize and dtype != "bf16":
         raise IlladaError("--plan sft: QLoRA computes in bf16 (--dtype bf16)")
+    if block_causal and job != "sft":
+        raise IlladaError("--block-causal plans --plan sft (--objective sft-blocks) only")
+    if job == "rl" and config.block_causal:
+        raise IlladaError("--plan rl: illada rl does not train block-causal models")
 
 
 def plan_memory(config: ModelConfig, job: str, *, seq_len: int = 2048, batch: int = 1, dtype: str = "bf16",
@@ -414,11 +418,7 @@ def plan_memory(config: ModelConfig, job: str, *, seq_len: int = 2048, batch: in
     if job != "generate" and quantize in ("nf4", "fp4"):  # the training flag's 4-bit types: int4's storage
         quantize = "int4"
     _check(job, seq_len, batch, dtype, lora_r, quantize, device, cache, block_length, group_size, estimator,
-           grad_accum, prompt_len, config)
-    if block_causal and job != "sft":
-        raise IlladaError("--block-causal plans --plan sft (--objective sft-blocks) only")
-    if job == "rl" and config.block_causal:
-        raise IlladaError("--plan rl: illada rl does not train block-causal models")
+           grad_accum, prompt_len, config, block_causal)
     targets = tuple(parse_targets(lora_targets)) if lora_targets else TARGETS
     c = DTYPES[dtype]
     settings = {"seq_len": seq_len, "batch": batch, "dtype": dtype, "lora_r": lora_r,
